@@ -75,10 +75,11 @@ class FitConfig:
 
     init_seed: int = 0  # the shared, fixed initialization: every object in a dataset uses the same one
     steps: int = 400
-    rays_per_step: int = 4096
+    rays_per_step: int = 2048
     lr: float = 1e-2
     lr_final_factor: float = 0.1
     target_psnr: float | None = 32.0  # stop early once the training batch PSNR passes this (None: never)
+    empty_weight: float = 0.1  # penalty on optical thickness where the silhouettes prove space empty
     occupancy_update_every: int = 16
     occupancy_decay: float = 0.8
     num_threads: int | None = None  # torch intra-op threads (None: torch's default)
@@ -86,11 +87,109 @@ class FitConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """Building the per-object NeRF dataset (``p2n dataset build``, ``ray_jobs/build_dataset.py``).
+
+    ``--num-objects``, ``--workers`` and ``--gpus-per-worker`` on the command line override the first three.
+    """
+
+    num_objects: int = 16  # procedural objects when no --catalogue is given
+    workers: int = 2  # fitting actors (one object at a time each)
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None  # None: 1, or less on a small machine so Ray Data keeps a CPU slice free
+    torch_threads: int | None = None  # per actor; None: the actor's whole CPUs (1 for a fractional CPU)
+    objects_per_shard: int = 1  # rows per parquet file: also what a killed worker can lose and refit
+    include_pairs: bool = True  # procedural catalogue: two-object compositions too
+    max_retries: int = 3  # restarts of a dead fitting actor and retries of its batch
+
+
+
+@dataclass
+class VAEConfig:
+    """Stage 1: the VAE over flattened NeRF parameter vectors (``p2n/latent``) and its training hyper-parameters.
+
+    The flat vector is cut per layer / per hash-grid level into tokens of at most ``chunk_size`` values. Each token
+    has its own linear map (``chunk_size`` <-> ``head_dim``), so the size-dependent part of the model is
+    ``2 * num_params * head_dim`` weights; a transformer of width ``model_dim`` mixes the tokens.
+    """
+
+    latent_dim: int = 64
+    chunk_size: int = 1024  # parameter values per token (the last token of a layer/level is padded)
+    head_dim: int = 32  # per-token rank of the chunk encoders/decoders: lower it for million-parameter fields
+    model_dim: int = 128  # transformer width
+    depth: int = 2  # transformer layers in the encoder and again in the decoder (0: token-wise MLP only)
+    heads: int = 4
+    kl_weight: float = 1e-3  # beta: KL (mean over latent dims) relative to the reconstruction MSE (mean over params)
+    std_floor: float = 1e-3  # per-coordinate std below this counts as this when normalising parameters
+    render_weight: float = 0.0  # weight of the decoded-render MSE (0: parameter reconstruction only)
+    render_rays: int = 256  # rays per object per step for the render loss
+    steps: int = 300
+    batch_size: int = 8  # objects per step per worker
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AlignConfig:
+    """Stage 2: the transformer that maps a prompt embedding (text or image) to the VAE latent (``p2n/align``).
+
+    Encoder specs are ``p2n.align.build_encoder`` specs. CPU demo: ``minilm`` text (paraphrase-aware, offline) and
+    ``tiny-clip`` images; production: ``openclip:ViT-B-32:/path/to/weights`` for both (one model is built once when
+    both specs are equal). ``image_encoder: null`` trains on text only.
+    """
+
+    text_encoder: str = "minilm"
+    image_encoder: str | None = "tiny-clip"
+    image_fraction: float = 0.25  # share of each training batch that are image prompts (the objects' views)
+    num_tokens: int = 4  # the embedding becomes this many input tokens (one input projection per modality)
+    model_dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    dropout: float = 0.0
+    render_weight: float = 0.0  # weight of the decoded-render MSE (0: latent regression only)
+    render_rays: int = 256
+    steps: int = 300
+    batch_size: int = 32  # prompts per step per worker
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """How both stages run on Ray Train (``ray_jobs/train_vae.py``, ``train_align.py``, ``p2n train``).
+
+    ``--workers`` and ``--gpus-per-worker`` on the command line override the first two. ``backend: ddp`` is the
+    documented plain-DDP fallback for machines where DeepSpeed cannot run; it is never chosen silently.
+    """
+
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None  # None: 1 on GPU workers, 0.5 on CPU so Ray Data keeps CPU to read with
+    torch_threads: int | None = None  # per worker; None: Ray's default (the worker's CPUs, at least 1)
+    backend: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-2 (optimizer state and gradients are partitioned from 1 / 2)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 with GPUs, fp32 on CPU
+    seed: int = 0
+    checkpoint_every: int = 100  # steps between checkpoints (and always at the end)
+    keep_checkpoints: int = 2
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
+    log_every: int = 10  # steps between metric records (metrics.jsonl, loss.png)
+    eval_every: int = 0  # steps between decoded-render evaluations (0: only at the end)
+    eval_objects: int = 8  # objects per split rendered for evaluation (bounds its cost)
+    eval_views: int = 4  # views per object rendered for evaluation
+
+@dataclass
 class P2NConfig:
     scene: SceneConfig = dc_field(default_factory=SceneConfig)
     field: FieldConfig = dc_field(default_factory=FieldConfig)
     render: RenderConfig = dc_field(default_factory=RenderConfig)
     fit: FitConfig = dc_field(default_factory=FitConfig)
+    dataset: DatasetConfig = dc_field(default_factory=DatasetConfig)
+    vae: VAEConfig = dc_field(default_factory=VAEConfig)
+    align: AlignConfig = dc_field(default_factory=AlignConfig)
+    train: TrainConfig = dc_field(default_factory=TrainConfig)
 
     # ---- YAML and overrides -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

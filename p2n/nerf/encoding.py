@@ -98,14 +98,23 @@ def _corner_indices_and_weights(x: Tensor, levels: tuple[Level, ...]) -> tuple[T
     return torch.stack(idx_all, 1), torch.stack(w_all, 1)
 
 
+_WIDE = {2: torch.int64, 4: torch.complex128}  # one machine word per table row: a single gather, not F
+
+
+def _gather(table: Tensor, idx: Tensor, features: int) -> Tensor:
+    wide = _WIDE.get(features)
+    if wide is not None and table.dtype == torch.float32 and table.is_contiguous():
+        return table.view(wide)[idx].view(torch.float32).reshape(*idx.shape, features)
+    return table.view(-1, features)[idx]
+
+
 class _HashGridFunction(torch.autograd.Function):
     """Gather-and-blend forward, scatter-add backward; gradients flow to the table only (not positions)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, table: Tensor, levels: tuple[Level, ...], features: int) -> Tensor:
         idx, w = _corner_indices_and_weights(x.detach(), levels)  # [N, L, 8]
-        t = table.view(-1, features)
-        feats = t[idx]  # [N, L, 8, F]
+        feats = _gather(table, idx, features)  # [N, L, 8, F]
         out = (feats * w[..., None]).sum(2).reshape(x.shape[0], -1)  # [N, L*F]
         ctx.save_for_backward(idx, w)
         ctx.table_shape, ctx.features = table.shape, features

@@ -102,7 +102,7 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
             # Points the silhouettes prove empty: push their optical thickness to zero.
             pick = empty_cells[torch.randint(0, empty_cells.numel(), (fc.rays_per_step // 4,), generator=gen)]
             centers = grid.cell_centers()[pick] + (torch.rand((pick.numel(), 3), generator=gen) - 0.5) * cell
-            loss = loss + 1e-2 * (nerf.density(centers, params) * step_size).clamp(max=10).mean()
+            loss = loss + fc.empty_weight * (nerf.density(centers, params) * step_size).clamp(max=10).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

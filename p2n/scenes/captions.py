@@ -13,6 +13,8 @@ Does not own: the vocabulary (:mod:`p2n.scenes.vocab`) or object specs (:mod:`p2
 
 from __future__ import annotations
 
+from p2n.errors import SceneError
+
 import hashlib
 import re
 from dataclasses import dataclass
@@ -114,7 +116,7 @@ def parse_caption(text: str) -> ParsedCaption:
     unknown = [w for w in words if w not in colors and w not in shapes and w not in _ON | _UNDER | _NEXT | _FILLER
                and w != "with"]
     if unknown or not words:
-        raise ValueError(
+        raise SceneError(
             f"cannot read {text!r}: " + (f"unknown word(s) {unknown}" if unknown else "it is empty") + ". "
             f"Describe one or two objects, e.g. 'a red cube' or 'a red cube on a blue sphere'. "
             f"Known colours: {', '.join(COLORS)}; known shapes: {', '.join(SHAPE_WORDS)}; synonyms: "
@@ -128,27 +130,27 @@ def parse_caption(text: str) -> ParsedCaption:
     for w in words:
         if w in colors:
             if color is not None:
-                raise ValueError(f"cannot read {text!r}: two colours ({color}, {colors[w]}) for one object; "
+                raise SceneError(f"cannot read {text!r}: two colours ({color}, {colors[w]}) for one object; "
                                  f"name one colour per shape")
             color = colors[w]
         elif w in shapes:
             if shape is not None:
-                raise ValueError(f"cannot read {text!r}: two shapes ({shape}, {shapes[w]}) without a colour "
+                raise SceneError(f"cannot read {text!r}: two shapes ({shape}, {shapes[w]}) without a colour "
                                  f"between them; give each shape a colour, e.g. 'a red cube on a blue sphere'")
             shape = shapes[w]
         if color is not None and shape is not None:
             objects.append((color, shape))
             color = shape = None
     if color is not None or shape is not None:
-        raise ValueError(f"cannot read {text!r}: {color or shape!r} has no matching "
+        raise SceneError(f"cannot read {text!r}: {color or shape!r} has no matching "
                          f"{'shape' if color else 'colour'}; every object needs a colour and a shape")
     if len(objects) > 2:
-        raise ValueError(f"cannot read {text!r}: {len(objects)} objects; the catalogue has one or two per scene")
+        raise SceneError(f"cannot read {text!r}: {len(objects)} objects; the catalogue has one or two per scene")
 
     ws = set(words)
     if len(objects) == 1:
         if ws & (_ON | _UNDER | _NEXT | {"with"}):
-            raise ValueError(f"cannot read {text!r}: it names a relation but only one object; "
+            raise SceneError(f"cannot read {text!r}: it names a relation but only one object; "
                              f"add the second object, e.g. 'a red cube on a blue sphere'")
         return ParsedCaption(tuple(objects))
     if ws & (_ON | _UNDER):
@@ -157,4 +159,4 @@ def parse_caption(text: str) -> ParsedCaption:
         return ParsedCaption((objects[1], objects[0]) if reverse else tuple(objects), "on")
     if ws & _NEXT or "with" in ws:
         return ParsedCaption(tuple(objects), "next-to")
-    raise ValueError(f"cannot read {text!r}: say how the two objects relate, e.g. 'on', 'on top of' or 'next to'")
+    raise SceneError(f"cannot read {text!r}: say how the two objects relate, e.g. 'on', 'on top of' or 'next to'")

@@ -16,6 +16,8 @@ Owns object specs, layout and ordering. Does not own rendering (:mod:`p2n.scenes
 
 from __future__ import annotations
 
+from p2n.errors import SceneError
+
 import functools
 import math
 import re
@@ -59,14 +61,14 @@ class Primitive:
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; known shapes: {', '.join(SHAPES)}")
+            raise SceneError(f"unknown shape {self.shape!r}; known shapes: {', '.join(SHAPES)}")
         if len(self.rgb) != 3 or not all(0.0 <= v <= 1.0 for v in self.rgb):
-            raise ValueError(f"rgb {self.rgb} of {self.color} {self.shape} must be three values in [0, 1]")
+            raise SceneError(f"rgb {self.rgb} of {self.color} {self.shape} must be three values in [0, 1]")
         if not self.size > 0:
-            raise ValueError(f"size {self.size} of {self.color} {self.shape} must be positive")
+            raise SceneError(f"size {self.size} of {self.color} {self.shape} must be positive")
         lo, hi = self.bounds()
         if min(lo) < -1 - 1e-6 or max(hi) > 1 + 1e-6:
-            raise ValueError(f"{self.color} {self.shape} of size {self.size} at {self.center} spans {lo}..{hi}, "
+            raise SceneError(f"{self.color} {self.shape} of size {self.size} at {self.center} spans {lo}..{hi}, "
                              f"outside the cube [-1, 1]^3 that scenes must fit in; shrink it or move its centre")
 
     def bounds(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -87,7 +89,7 @@ class ObjectSpec:
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
-            raise ValueError(f"split {self.split!r} of {self.object_id} must be one of {SPLITS}")
+            raise SceneError(f"split {self.split!r} of {self.object_id} must be one of {SPLITS}")
 
     @property
     def combos(self) -> tuple[tuple[str, str], ...]:
@@ -115,14 +117,14 @@ def spec_from_id(object_id: str, cfg: SceneConfig | None = None) -> ObjectSpec:
 
     def check(color: str, shape: str) -> tuple[str, str]:
         if color not in COLORS:
-            raise ValueError(f"unknown colour {color!r} in object id {object_id!r}; known: {', '.join(COLORS)}")
+            raise SceneError(f"unknown colour {color!r} in object id {object_id!r}; known: {', '.join(COLORS)}")
         if shape not in SHAPES:
-            raise ValueError(f"unknown shape {shape!r} in object id {object_id!r}; known: {', '.join(SHAPES)}")
+            raise SceneError(f"unknown shape {shape!r} in object id {object_id!r}; known: {', '.join(SHAPES)}")
         return color, shape
 
     def index(value: str, options: tuple, what: str) -> int:
         if int(value) >= len(options):
-            raise ValueError(f"{what} {value} in object id {object_id!r} is out of range; {_ID_HELP}")
+            raise SceneError(f"{what} {value} in object id {object_id!r} is out of range; {_ID_HELP}")
         return int(value)
 
     held = heldout_combos(cfg)
@@ -135,12 +137,12 @@ def spec_from_id(object_id: str, cfg: SceneConfig | None = None) -> ObjectSpec:
     elif m := _PAIR_RE.fullmatch(object_id):
         a, b, relation = check(m[1], m[2]), check(m[4], m[5]), m[3]
         if relation not in RELATIONS:
-            raise ValueError(f"unknown relation {relation!r} in object id {object_id!r}; known: {', '.join(RELATIONS)}")
+            raise SceneError(f"unknown relation {relation!r} in object id {object_id!r}; known: {', '.join(RELATIONS)}")
         variant = PAIR_VARIANTS[index(m[6], PAIR_VARIANTS, "variant")]
         prims = _stack(a, b, *variant) if relation == "on" else _side_by_side(a, b, *variant)
         train, heldout = pair_captions(a, relation, b, object_id)
     else:
-        raise ValueError(f"malformed object id {object_id!r}; {_ID_HELP}")
+        raise SceneError(f"malformed object id {object_id!r}; {_ID_HELP}")
     split = "heldout" if any(c in held for c in ((p.color, p.shape) for p in prims)) else "train"
     return ObjectSpec(object_id, prims, train, heldout, split)
 
@@ -186,7 +188,7 @@ def heldout_combos(cfg: SceneConfig | None = None) -> frozenset[tuple[str, str]]
 @functools.lru_cache(maxsize=32)
 def _heldout_combos(seed: int, fraction: float) -> frozenset[tuple[str, str]]:
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"heldout_fraction={fraction} must be in [0, 1); e.g. 0.2 holds out a fifth of the "
+        raise SceneError(f"heldout_fraction={fraction} must be in [0, 1); e.g. 0.2 holds out a fifth of the "
                          f"colour x shape combinations")
     combos = [(c, s) for c in COLORS for s in SHAPE_WORDS]
     target = round(fraction * len(combos))
@@ -204,7 +206,7 @@ def _heldout_combos(seed: int, fraction: float) -> frozenset[tuple[str, str]]:
             left[c] -= 1
             left[s] -= 1
     if len(held) < target:
-        raise ValueError(f"heldout_fraction={fraction} asks for {target} of {len(combos)} colour x shape "
+        raise SceneError(f"heldout_fraction={fraction} asks for {target} of {len(combos)} colour x shape "
                          f"combinations, but only {len(held)} can be held out while every colour and shape keeps "
                          f"a training example; use heldout_fraction <= {len(held) / len(combos):.2f}")
     return frozenset(held)
@@ -261,7 +263,7 @@ def catalogue(cfg: SceneConfig | None = None, num_objects: int | None = None,
     cfg = cfg or SceneConfig()
     ids = _catalogue_ids(cfg.seed, include_pairs)
     if num_objects is not None and not 0 <= num_objects <= len(ids):
-        raise ValueError(f"num_objects={num_objects} but the catalogue has {len(ids)} objects "
+        raise SceneError(f"num_objects={num_objects} but the catalogue has {len(ids)} objects "
                          f"({'with' if include_pairs else 'without'} pairs); ask for at most {len(ids)}")
     return [spec_from_id(i, cfg) for i in ids[:num_objects]]
 

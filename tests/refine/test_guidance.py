@@ -77,10 +77,7 @@ def test_registry_lists_choices_including_late_registrations(monkeypatch):
     assert isinstance(err.value, P2NError)
 
 
-def test_register_guidance_decorator_and_duplicate_names(monkeypatch):
-    monkeypatch.setattr("p2n.refine.guidance.registry.GUIDANCES", GUIDANCES)  # same dict, restored by monkeypatch
-    monkeypatch.delitem(GUIDANCES, "toy", raising=False)
-
+def test_register_guidance_decorator_and_duplicate_names():
     @register_guidance("toy")
     def build_toy(cfg):
         return ("toy", cfg.seed)
@@ -219,6 +216,18 @@ def test_sds_settings_change_the_gradient(tiny_sd_dir, monkeypatch):
                     _grad(g50, images, ctx)) > 1e-3
 
 
+def test_v_prediction_output_is_converted_to_noise(sds, monkeypatch):
+    """SD 2.1 (768) predicts v = α ε − σ z0; SDS needs ε back: ε = α v + σ z_t."""
+    monkeypatch.setattr(sds, "prediction_type", "v_prediction")
+    gen = torch.Generator().manual_seed(2)
+    z0, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([50, 900])
+    a = sds.alphas_cumprod[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * z0
+    assert torch.allclose(sds.to_epsilon(v, zt, t), eps, atol=1e-5)
+
+
 def test_sds_text_embeddings_are_computed_once(tiny_sd_dir):
     g = build_guidance("sds", GuidanceConfig(model_path=str(tiny_sd_dir)))
     calls = []
@@ -304,7 +313,8 @@ def test_zero123_gradient_equals_hand_computed(tiny_zero123_dir, monkeypatch):
     with torch.no_grad():
         r = ref.permute(2, 0, 1)[None]
         clip_in = F.interpolate(r, (32, 32), mode="bicubic", antialias=True).clamp(0, 1)
-        clip_in = (clip_in - torch.tensor(pp["image_mean"]).view(1, 3, 1, 1)) / torch.tensor(pp["image_std"]).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(pp[k]).view(1, 3, 1, 1) for k in ("image_mean", "image_std"))
+        clip_in = (clip_in - mean) / std
         emb = enc(clip_in).image_embeds  # [1, 32]
         d_el = torch.deg2rad(torch.tensor([5.0 - 10.0, 5.0 - 40.0]))
         d_az = torch.deg2rad(torch.tensor([30.0 - 20.0, 200.0 - 20.0]))
@@ -334,6 +344,29 @@ def test_zero123_settings_change_the_gradient(tiny_zero123_dir, monkeypatch):
     assert _rel_err(_grad(g1, images, _z_ctx(ref, az=(120.0, 200.0))), a) > 1e-4  # another view
     # Azimuth enters only through sin/cos: a full turn changes nothing.
     assert _rel_err(_grad(g1, images, _z_ctx(ref, az=(390.0, -160.0))), a) < 1e-5
+
+
+def test_zero123_reads_both_projection_layouts(tmp_path):
+    """diffusers' conversion: cc_projection/ "projection.*" (safetensors); threestudio's: clip_camera_projection/
+    "proj.*" (here as a pickled .bin, read with weights_only)."""
+    from safetensors.torch import save_file
+
+    from p2n.refine.guidance.zero123 import load_projection
+
+    w, b = torch.randn(8, 12), torch.randn(8)
+    (tmp_path / "a" / "cc_projection").mkdir(parents=True)
+    save_file({"projection.weight": w, "projection.bias": b},
+              str(tmp_path / "a" / "cc_projection" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "b" / "clip_camera_projection").mkdir(parents=True)
+    torch.save({"proj.weight": w, "proj.bias": b},
+               tmp_path / "b" / "clip_camera_projection" / "diffusion_pytorch_model.bin")
+    x = torch.randn(3, 12)
+    for sub in ("a", "b"):
+        lin = load_projection(tmp_path / sub)
+        assert (lin.in_features, lin.out_features) == (12, 8)
+        assert torch.allclose(lin(x), x @ w.T + b)
+    with pytest.raises(GuidanceModelMissing, match="cc_projection"):
+        load_projection(tmp_path)
 
 
 def test_zero123_reference_is_encoded_once(tiny_zero123_dir):

@@ -51,8 +51,8 @@ class GuidanceConfig:
     # When set, the upper end anneals linearly from max_step_ratio (step 0) to this (last step): large noise
     # early shapes the object, small noise late refines detail.
     max_step_ratio_end: float | None = None
-    # The diffusion model's input size in pixels (SD 2.1-base 512, zero123 256, tiny 64);
-    # None takes the model's own, unet.sample_size * the VAE's downscale.
+    # The diffusion model's input size in pixels (SD 2.1-base 512, zero123 256, tiny 64); renders are resized to
+    # it. None takes the model's own, unet.sample_size * the VAE's downscale. (clip uses its encoder's own size.)
     image_size: int | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float32 on CPU, bf16/fp16 on CUDA
     device: str = "auto"  # auto: cuda when available, else cpu

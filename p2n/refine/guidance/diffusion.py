@@ -65,11 +65,14 @@ def resolve_model_folder(model_path: str | None, kind: str, required: tuple[str,
     if model_path == "tiny":
         key = (kind, seed)
         if key not in _TINY_FOLDERS:
+            import atexit
+            import shutil
             import tempfile
 
             from p2n.refine.guidance import tiny
 
             folder = Path(tempfile.mkdtemp(prefix=f"p2n-tiny-{kind}-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
             (tiny.build_tiny_zero123 if kind == "zero123" else tiny.build_tiny_sd)(folder, seed=seed)
             _TINY_FOLDERS[key] = folder
         return _TINY_FOLDERS[key]
@@ -99,10 +102,11 @@ class LatentSDSGuidance(Guidance):
     def __init__(self, cfg: GuidanceConfig) -> None:
         super().__init__(cfg)
         _check_step_ratios(cfg)
+        # Config mistakes fail before the multi-second diffusers import.
+        self.folder = resolve_model_folder(cfg.model_path, self.kind, self.required, cfg.seed)
         ensure_torchvision_importable()  # diffusers/transformers import torchvision
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        self.folder = resolve_model_folder(cfg.model_path, self.kind, self.required, cfg.seed)
         load: dict[str, Any] = {"local_files_only": True, "torch_dtype": self.dtype}
         self.vae = _frozen(AutoencoderKL.from_pretrained(self.folder, subfolder="vae", **load), self.device)
         self.unet = _frozen(UNet2DConditionModel.from_pretrained(self.folder, subfolder="unet", **load), self.device)
@@ -175,6 +179,9 @@ class LatentSDSGuidance(Guidance):
             return a.sqrt() * pred + (1 - a).sqrt() * noisy  # ε = α v + σ z_t
         raise GuidanceConfigError(f"prediction_type {self.prediction_type!r} is not supported by SDS")
 
+    def check_context(self, ctx: GuidanceContext, batch: int) -> None:
+        """Raise GuidanceInputError when ctx lacks what predict_noise needs (checked before any model runs)."""
+
     def predict_noise(self, noisy: Tensor, t: Tensor, ctx: GuidanceContext) -> Tensor:
         """CFG noise prediction ε̂ [B, C, h, w] float32 for noisy latents [B, C, h, w]; no grad needed."""
         raise NotImplementedError
@@ -187,6 +194,7 @@ class LatentSDSGuidance(Guidance):
     def __call__(self, images: Tensor, ctx: GuidanceContext, step: int, total_steps: int) -> GuidanceOutput:
         check_images(images, self.kind)
         B = images.shape[0]
+        self.check_context(ctx, B)
         latents = self.encode(self.to_model_input(images))  # [B, 4, h, w], carries grad to images
         t, noise = self.sample_t_and_noise(B, tuple(latents.shape), step, total_steps)
         with torch.no_grad():

@@ -54,9 +54,12 @@ class StableDiffusionSDS(LatentSDSGuidance):
             self._text_cache[key] = self._embed([key[1], key[0]])
         return self._text_cache[key]
 
-    def predict_noise(self, noisy: Tensor, t: Tensor, ctx: GuidanceContext) -> Tensor:
+    def check_context(self, ctx: GuidanceContext, batch: int) -> None:
         if not ctx.prompt:
             raise GuidanceInputError("the sds guidance needs a text prompt (GuidanceContext.prompt)")
+
+    def predict_noise(self, noisy: Tensor, t: Tensor, ctx: GuidanceContext) -> Tensor:
+        assert ctx.prompt is not None
         B = noisy.shape[0]
         emb = self.text_embeddings(ctx.prompt, ctx.negative_prompt)  # [2, L, D]
         emb = emb.repeat_interleave(B, dim=0)  # [2B, L, D]: B unconditional, then B conditional

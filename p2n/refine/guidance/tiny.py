@@ -9,7 +9,8 @@ the tokenizer's vocabulary is generated here (byte-level alphabet + a few merges
 files a real SD folder ships.
 
 Sizes: images 64x64 -> VAE (4 blocks, /8) -> latents 4x8x8; UNet block_out_channels (32, 64), one layer per
-block, cross-attention dim 32; CLIP text/vision towers hidden 32, 2 layers. Each build takes about a second.
+block, cross-attention dim 32 (~0.8 M UNet parameters); CLIP text/vision towers hidden 32, 2 layers. A build
+takes 0.1–0.2 s once diffusers and transformers are imported (~4 s).
 The weights are random: outputs mean nothing, but every shape, key and code path is the real one.
 
 Does not own: how the guidances use the models.
@@ -35,7 +36,7 @@ _TINY_WORDS = ("a", "photo", "of", "the", "red", "green", "blue", "chair", "car"
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable-unicode map (the alphabet of byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from p2n.refine.guidance.base import GuidanceConfig, GuidanceContext, GuidanceInputError, GuidanceModelMissing
-from p2n.refine.guidance.diffusion import LatentSDSGuidance, _frozen
+from p2n.refine.guidance.diffusion import LatentSDSGuidance, _frozen, _how_to_get
 from p2n.refine.guidance.registry import register_guidance
 
 PROJECTION_FOLDERS = ("cc_projection", "clip_camera_projection")
@@ -50,7 +50,10 @@ def load_projection(folder: Path) -> torch.nn.Linear:
         if sub.is_dir():
             break
     else:
-        raise GuidanceModelMissing(f"{folder} has neither cc_projection/ nor clip_camera_projection/")
+        raise GuidanceModelMissing(
+            f"model_path {str(folder)!r} has neither cc_projection/ nor clip_camera_projection/; "
+            + _how_to_get("zero123")
+        )
     st = sorted(sub.glob("*.safetensors"))
     if st:
         from safetensors.torch import load_file
@@ -120,6 +123,11 @@ class Zero123SDS(LatentSDSGuidance):
         if ref_image.ndim != 3 or ref_image.shape[-1] != 3:
             raise GuidanceInputError(f"ref_image must be [H, W, 3] in [0, 1]; got {tuple(ref_image.shape)}")
         x = ref_image.detach().to(self.device, torch.float32).permute(2, 0, 1)[None]  # [1, 3, H, W]
+        # Centre square, as CLIPImageProcessor's resize-shortest-side + centre-crop would take it. The caller
+        # composites any alpha onto a background first (zero123 was trained on objects on white).
+        h, w = x.shape[-2:]
+        side = min(h, w)
+        x = x[..., (h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
         clip_in = F.interpolate(x, (self.clip_size, self.clip_size), mode="bicubic", align_corners=False,
                                 antialias=True).clamp(0, 1)
         clip_in = (clip_in - self.clip_mean) / self.clip_std
@@ -156,9 +164,13 @@ class Zero123SDS(LatentSDSGuidance):
             d_r = torch.zeros_like(el)
         return torch.stack([d_polar, torch.sin(d_az), torch.cos(d_az), d_r], dim=-1)
 
-    def predict_noise(self, noisy: Tensor, t: Tensor, ctx: GuidanceContext) -> Tensor:
+    def check_context(self, ctx: GuidanceContext, batch: int) -> None:
         if ctx.ref_image is None:
             raise GuidanceInputError("the zero123 guidance needs a reference image (GuidanceContext.ref_image)")
+        self.pose_embedding(ctx, batch)  # raises on missing or mis-sized poses
+
+    def predict_noise(self, noisy: Tensor, t: Tensor, ctx: GuidanceContext) -> Tensor:
+        assert ctx.ref_image is not None
         B = noisy.shape[0]
         embed, ref_latents = self.reference(ctx.ref_image)
         pose = self.pose_embedding(ctx, B)[:, None, :]  # [B, 1, 4]

@@ -1,0 +1,275 @@
+"""Stage 1: a VAE over flattened NeRF parameter vectors — the "pretrained implicit latent" of Prompt2NeRF-PIL.
+
+Every object's parameters were fitted from one shared initialization, so coordinate ``i`` means the same thing in
+every vector and the vectors can be modelled like any other data. The model:
+
+* **normalisation** per coordinate with the training set's mean and std (std floored at ``vae.std_floor``);
+  stored in the model file, applied inside :class:`VAEModel` so callers only ever see real parameters;
+* **tokens** per layer / per hash-grid level (``tokens.py``): ``[B, P] -> [B, K, C]``;
+* **encoder**: one linear map per token (``C -> head_dim``, a grouped linear: ``P * head_dim`` weights in all),
+  a shared projection to ``model_dim``, a transformer over the K tokens plus a summary token, whose output gives
+  the posterior mean and log-variance of a ``latent_dim`` latent;
+* **decoder**: the latent broadcast onto K learned token positions, a transformer, a shared projection to
+  ``head_dim`` and one linear map per token back to its ``C`` values.
+
+The only parts whose size grows with the parameter count are the two grouped linears (``2 * P * head_dim``
+weights), so the same design runs from tens of thousands of parameters (CPU tests) to millions (lower
+``head_dim``, raise ``chunk_size`` to bound the token count); no dense ``P x hidden`` layer exists.
+
+:class:`ParamVAE` is the trainable ``nn.Module`` in normalised space (what DeepSpeed/DDP wrap);
+:class:`VAEModel` adds the normalisation, the field config and file I/O, and is what everything else uses:
+``encode(params) -> mu``, ``decode(z) -> params``, ``interpolate(z0, z1, t)``, ``save``/``load_vae``.
+
+Does not own: training (``p2n.train``), rendering (``p2n.nerf.render``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from p2n.config import FieldConfig, VAEConfig
+from p2n.latent.checkpoint import CheckpointError, load_file, resolve, save_file
+from p2n.latent.tokens import ParamTokenizer
+from p2n.nerf.params import ParamsError
+
+KIND = "p2n.vae"
+FILENAME = "vae.safetensors"
+
+
+class GroupedLinear(nn.Module):
+    """K independent linear maps, one per token: ``[B, K, n_in] -> [B, K, n_out]``."""
+
+    def __init__(self, k: int, n_in: int, n_out: int, zero_init: bool = False):
+        super().__init__()
+        bound = 1.0 / math.sqrt(n_in)
+        w = torch.zeros(k, n_in, n_out) if zero_init else torch.empty(k, n_in, n_out).uniform_(-bound, bound)
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(k, n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("bki,kio->bko", x, self.weight) + self.bias
+
+
+def _transformer(dim: int, heads: int, depth: int) -> nn.Module:
+    if depth <= 0:
+        return nn.Identity()
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
+class ParamVAE(nn.Module):
+    """The VAE in normalised parameter space: ``x [B, P] -> (mu, logvar) [B, L]``, ``z [B, L] -> x [B, P]``."""
+
+    def __init__(self, cfg: VAEConfig, field: FieldConfig):
+        super().__init__()
+        if cfg.model_dim % cfg.heads:
+            raise ValueError(f"vae.model_dim={cfg.model_dim} must be divisible by vae.heads={cfg.heads}")
+        self.cfg, self.field = cfg, field
+        self.tokenizer = ParamTokenizer(field, cfg.chunk_size)
+        k, c, h, d, latent = self.tokenizer.num_tokens, cfg.chunk_size, cfg.head_dim, cfg.model_dim, cfg.latent_dim
+        self.register_buffer("gather_index", self.tokenizer.gather_index.clone(), persistent=False)
+        self.register_buffer("scatter_index", self.tokenizer.scatter_index.clone(), persistent=False)
+        # encoder
+        self.enc_in = GroupedLinear(k, c, h)
+        self.enc_proj = nn.Linear(h, d)
+        self.enc_pos = nn.Parameter(torch.randn(k, d) * 0.02)
+        self.summary = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.encoder = _transformer(d, cfg.heads, cfg.depth)
+        self.enc_norm = nn.LayerNorm(d)
+        self.to_posterior = nn.Linear(d, 2 * latent)
+        # decoder
+        self.dec_in = nn.Linear(latent, d)
+        self.dec_pos = nn.Parameter(torch.randn(k, d) * 0.02)
+        self.decoder = _transformer(d, cfg.heads, cfg.depth)
+        self.dec_norm = nn.LayerNorm(d)
+        self.dec_proj = nn.Linear(d, h)
+        self.dec_out = GroupedLinear(k, h, c)
+
+    @property
+    def num_params(self) -> int:
+        return self.tokenizer.num_params
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised parameters ``[B, P]`` -> posterior mean and log-variance ``[B, L]`` each."""
+        padded = torch.cat([x, x.new_zeros(x.shape[0], 1)], -1)
+        tok = padded[:, self.gather_index]  # [B, K, C]
+        h = self.enc_proj(torch.nn.functional.gelu(self.enc_in(tok))) + self.enc_pos
+        h = torch.cat([self.summary.expand(x.shape[0], -1, -1).to(h.dtype), h], 1)
+        h = self.enc_norm(self.encoder(h)[:, 0])
+        mu, logvar = self.to_posterior(h).chunk(2, -1)
+        return mu, logvar.clamp(-12.0, 6.0)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents ``[B, L]`` -> normalised parameters ``[B, P]``."""
+        h = self.dec_in(z)[:, None, :] + self.dec_pos  # [B, K, D]
+        h = self.dec_norm(self.decoder(h))
+        tok = self.dec_out(torch.nn.functional.gelu(self.dec_proj(h)))  # [B, K, C]
+        return tok.reshape(z.shape[0], -1)[:, self.scatter_index]
+
+    def forward(self, x: Tensor, eps: Tensor | None = None) -> dict[str, Tensor]:
+        """Encode, sample ``z = mu + exp(logvar / 2) * eps`` (``eps=None``: z = mu) and decode."""
+        mu, logvar = self.encode(x)
+        z = mu if eps is None else mu + torch.exp(0.5 * logvar) * eps.to(mu.dtype)
+        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
+
+
+def normalisation_stats(params: Tensor, std_floor: float) -> tuple[Tensor, Tensor]:
+    """Per-coordinate mean and floored std of a stack of parameter vectors ``[N, P]`` (float64 sums)."""
+    x = params.double()
+    mean = x.mean(0)
+    std = (x.var(0, unbiased=False)).clamp(min=0).sqrt().clamp(min=std_floor)
+    return mean.float(), std.float()
+
+
+class VAEModel(nn.Module):
+    """A trained VAE with its normalisation: works in real parameter space. See the module docstring."""
+
+    def __init__(self, cfg: VAEConfig, field: FieldConfig, mean: Tensor | None = None, std: Tensor | None = None,
+                 info: dict[str, Any] | None = None):
+        super().__init__()
+        self.cfg, self.field = cfg, field
+        self.net = ParamVAE(cfg, field)
+        p = self.net.num_params
+        self.register_buffer("mean", torch.zeros(p) if mean is None else mean.detach().float().clone())
+        self.register_buffer("std", torch.ones(p) if std is None else std.detach().float().clone())
+        if self.mean.shape != (p,) or self.std.shape != (p,):
+            raise ValueError(f"normalisation stats have shapes {tuple(self.mean.shape)}/{tuple(self.std.shape)}, "
+                             f"the field has {p} parameters")
+        self.info: dict[str, Any] = dict(info or {})  # training provenance: steps, dataset, metrics
+
+    # ---- properties -----------------------------------------------------------------------------------------
+    @property
+    def latent_dim(self) -> int:
+        return self.cfg.latent_dim
+
+    @property
+    def num_params(self) -> int:
+        return self.net.num_params
+
+    @property
+    def layout_hash(self) -> str:
+        return self.field.layout_hash()
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    # ---- normalisation --------------------------------------------------------------------------------------
+    def normalize(self, params: Tensor) -> Tensor:
+        return (params.to(self.mean) - self.mean) / self.std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x.to(self.mean) * self.std + self.mean
+
+    def set_stats(self, mean: Tensor, std: Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    # ---- the verbs ------------------------------------------------------------------------------------------
+    def encode(self, params: Tensor, return_logvar: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Parameter vectors ``[B, P]`` (or ``[P]``) -> posterior means ``[B, L]`` (or ``[L]``)."""
+        single = params.ndim == 1
+        x = params[None] if single else params
+        if x.shape[-1] != self.num_params:
+            raise ParamsError(f"parameter vectors have {x.shape[-1]} values; this VAE was trained on a field with "
+                              f"{self.num_params} (layout {self.layout_hash})")
+        mu, logvar = self.net.encode(self.normalize(x))
+        if single:
+            mu, logvar = mu[0], logvar[0]
+        return (mu, logvar) if return_logvar else mu
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents ``[B, L]`` (or ``[L]``) -> parameter vectors ``[B, P]`` (or ``[P]``), float32."""
+        single = z.ndim == 1
+        zz = z[None] if single else z
+        if zz.shape[-1] != self.latent_dim:
+            raise ValueError(f"latents have {zz.shape[-1]} dims; this VAE's latent has {self.latent_dim}")
+        out = self.denormalize(self.net.decode(zz.to(self.mean)))
+        return out[0] if single else out
+
+    def reconstruct(self, params: Tensor) -> Tensor:
+        """``decode(encode(params))``."""
+        return self.decode(self.encode(params))
+
+    @staticmethod
+    def interpolate(z0: Tensor, z1: Tensor, t: float | Tensor, mode: str = "linear") -> Tensor:
+        return interpolate(z0, z1, t, mode)
+
+    # ---- files ----------------------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "vae": asdict(self.cfg),
+            "field": asdict(self.field),
+            "layout_hash": self.layout_hash,
+            "latent_dim": self.latent_dim,
+            "num_params": self.num_params,
+            "normalisation": "per-coordinate (params - mean) / std; tensors 'mean' and 'std'",
+            "info": self.info,
+        }
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
+
+    def save(self, uri: str, storage_options: dict[str, Any] | None = None) -> str:
+        """Write ``vae.safetensors`` (``uri`` a folder, or a ``.safetensors`` path); returns the file's URI."""
+        return save_file(resolve(uri, FILENAME), self.tensors(), KIND, self.metadata(), storage_options)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict[str, str], source: str = "vae") -> "VAEModel":
+        try:
+            cfg = VAEConfig(**json.loads(meta["vae"]))
+            field = FieldConfig(**json.loads(meta["field"]))
+            info = json.loads(meta.get("info", "{}"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: unreadable VAE metadata ({type(e).__name__}: {e})") from None
+        if field.layout_hash() != meta.get("layout_hash"):
+            raise CheckpointError(f"{source}: field config and recorded layout hash disagree")
+        model = cls(cfg, field, info=info)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{source}: weights do not match the recorded VAE config (missing {missing[:4]}, "
+                                  f"unexpected {unexpected[:4]})")
+        return model.eval()
+
+
+def load_vae(uri: str, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+             expected_field: FieldConfig | None = None) -> VAEModel:
+    """Load a trained VAE from its ``--out`` folder (or the ``vae.safetensors`` file itself), in eval mode."""
+    path = resolve(uri, FILENAME)
+    tensors, meta = load_file(path, KIND, storage_options)
+    model = VAEModel.from_tensors(tensors, meta, path)
+    if expected_field is not None and expected_field.layout_hash() != model.layout_hash:
+        raise ParamsError(f"{path}: the VAE was trained on field layout {model.layout_hash}, the data here has "
+                          f"{expected_field.layout_hash()}; use the VAE trained on this dataset")
+    return model.to(device)
+
+
+def interpolate(z0: Tensor, z1: Tensor, t: float | Tensor, mode: str = "linear") -> Tensor:
+    """Points between latents ``z0`` and ``z1`` (``[..., L]``, broadcastable).
+
+    ``t`` a float gives ``[..., L]``; ``t`` a 1-D tensor of T values gives ``[..., T, L]``. ``mode``: ``linear``
+    (straight line, what the VAE's Gaussian posterior means suggest) or ``slerp`` (keeps the norm).
+    """
+    scalar = not torch.is_tensor(t) or t.ndim == 0
+    tt = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1)
+    a, b = z0.unsqueeze(-2), z1.unsqueeze(-2)  # [..., 1, L]
+    w = tt[:, None]  # [T, 1]
+    if mode == "linear":
+        out = a + (b - a) * w
+    elif mode == "slerp":
+        na, nb = a.norm(dim=-1, keepdim=True).clamp(min=1e-8), b.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        cos = ((a / na) * (b / nb)).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7)
+        omega = torch.arccos(cos)
+        so = torch.sin(omega)
+        out = (torch.sin((1 - w) * omega) / so) * a + (torch.sin(w * omega) / so) * b
+    else:
+        raise ValueError(f"interpolation mode {mode!r}: use 'linear' or 'slerp'")
+    return out.squeeze(-2) if scalar else out

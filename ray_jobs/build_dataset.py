@@ -1,0 +1,270 @@
+"""Build the per-object NeRF dataset on Ray Data: one row per object, fitted in parallel by a pool of actors and
+written as parquet shards (plus manifest.json) to a local folder or any fsspec URI; resumable.
+
+    ray job submit --working-dir . -- python ray_jobs/build_dataset.py --out s3://bucket/ds --num-objects 5000 \
+        --workers 16 --gpus-per-worker 1
+    p2n dataset build --out /tmp/ds --num-objects 16 --workers 2          # same, on an embedded local Ray
+
+Pipeline: object sources (procedural ids, or catalogue folders) -> ``map_batches(FitActor)`` on an
+``ActorPoolStrategy(size=workers)`` -> each actor fits a batch with ``p2n.data.build.ObjectFitter`` and writes it
+as one shard (atomically) -> the driver streams the small per-object summaries back for progress and writes the
+manifest. This module only schedules; every per-object step is a plain function in ``p2n/data``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repo importable (see _common.ensure_repo_on_path)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ray_jobs._common import ensure_repo_on_path, init_ray  # noqa: E402
+
+ensure_repo_on_path()
+
+from p2n.config import P2NConfig  # noqa: E402
+from p2n.data import storage  # noqa: E402
+from p2n.data.build import ObjectSource, catalogue_sources, procedural_sources  # noqa: E402
+from p2n.data.errors import DataError  # noqa: E402
+from p2n.data.output import prepare_output, write_manifest  # noqa: E402
+from p2n.data.schema import MANIFEST, STATUS_OK  # noqa: E402
+
+
+class BuildInterrupted(RuntimeError):
+    """The driver stopped consuming results early (``stop_after``): what was written stays, ``--resume`` goes on."""
+
+
+class FitActor:
+    """One fitting worker: holds the config, the shared initial parameters and the layout (``ObjectFitter``);
+    each call fits a batch of objects and writes them as one shard."""
+
+    def __init__(self, cfg: dict[str, Any], out_uri: str, storage_options: dict[str, Any], torch_threads: int,
+                 kill_once: str | None = None):
+        import torch
+
+        from p2n.data.build import ObjectFitter
+
+        torch.set_num_threads(torch_threads)
+        config = P2NConfig.from_dict(cfg).override([f"fit.num_threads={torch_threads}"])
+        self.fitter = ObjectFitter(config, storage_options)
+        self.out_uri = out_uri
+        self.storage_options = storage_options
+        self.kill_once = kill_once
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from p2n.data.output import write_shard
+
+        started = time.time()
+        n = len(batch["object_id"])
+        sources = [ObjectSource(str(batch["object_id"][i]), str(batch["kind"][i]), str(batch["uri"][i]))
+                   for i in range(n)]
+        _maybe_die(self.kill_once, [s.object_id for s in sources])
+        rows = [self.fitter.fit(s) for s in sources]
+        shard = write_shard(rows, self.out_uri, self.storage_options)
+        finished = time.time()
+        return {
+            "object_id": [r["object_id"] for r in rows],
+            "status": [r["status"] for r in rows],
+            "error": [r["error"] for r in rows],
+            "psnr_test": [r["psnr_test"] for r in rows],
+            "seconds": [r["seconds"] for r in rows],
+            "shard": [shard] * n,
+            "pid": [os.getpid()] * n,
+            "started": [started] * n,
+            "finished": [finished] * n,
+        }
+
+
+def _maybe_die(spec: str | None, object_ids: list[str]) -> None:
+    """Fault injection for tests: ``P2N_BUILD_KILL_ONCE=<object id>@<marker path>`` in the driver's environment
+    kills the worker process the first time it is handed that object (the marker file records that it happened),
+    as a lost node would."""
+    if not spec or "@" not in spec:
+        return
+    oid, marker = spec.rsplit("@", 1)
+    if oid in object_ids and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(1)
+
+
+def _cpus_per_worker(cfg: P2NConfig, workers: int) -> float:
+    """Explicit ``dataset.cpus_per_worker``, else 1 CPU an actor, less when that would take every CPU of the
+    cluster (a pool that holds all CPUs starves Ray Data's other tasks and hangs: NOTES-RAY.md)."""
+    if cfg.dataset.cpus_per_worker:
+        return float(cfg.dataset.cpus_per_worker)
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return round(max(0.05, min(1.0, (total - 0.25) / workers)), 3)
+
+
+def _progress(msg: str, enabled: bool) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def build(out_uri: str, cfg: P2NConfig | None = None, num_objects: int | None = None, workers: int | None = None,
+          resume: bool = False, *, catalogue: str | None = None, gpus_per_worker: float | None = None,
+          storage_options: dict[str, Any] | str | None = None, address: str | None = None, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Fit ``num_objects`` procedural objects (or every object of ``catalogue``) into a dataset at ``out_uri``.
+
+    ``workers``/``gpus_per_worker``/``num_objects`` default to ``cfg.dataset``. ``resume`` continues a dataset
+    already at ``out_uri`` (fitting only objects without a row); without it a non-empty ``out_uri`` is an error.
+    Connects to ``address``/``RAY_ADDRESS`` or starts a local Ray, unless one is initialised already.
+    ``stop_after`` (tests): stop after that many objects have been written and raise ``BuildInterrupted``.
+    Returns a summary dict (also printed as the JSON line of the CLI).
+    """
+    cfg = cfg or P2NConfig()
+    if catalogue is not None and num_objects is not None:
+        raise DataError("pass one of --num-objects and --catalogue, not both")
+    overrides = []
+    for key, value in (("num_objects", num_objects), ("workers", workers), ("gpus_per_worker", gpus_per_worker)):
+        if value is not None:
+            overrides.append(f"dataset.{key}={value}")
+    cfg = cfg.override(overrides)
+    ds_cfg = cfg.dataset
+    if ds_cfg.workers < 1:
+        raise DataError(f"--workers {ds_cfg.workers}: need at least 1 fitting worker")
+    if ds_cfg.gpus_per_worker < 0:
+        raise DataError(f"--gpus-per-worker {ds_cfg.gpus_per_worker} must be >= 0")
+    if ds_cfg.objects_per_shard < 1:
+        raise DataError(f"dataset.objects_per_shard={ds_cfg.objects_per_shard} must be >= 1")
+    opts = storage.parse_storage_options(storage_options)
+
+    # Everything that can be wrong with the input is checked before Ray starts.
+    if catalogue is not None:
+        sources = catalogue_sources(catalogue, opts)
+        source_info: dict[str, Any] = {"catalogue": catalogue}
+    else:
+        if ds_cfg.num_objects < 1:
+            raise DataError(f"--num-objects {ds_cfg.num_objects}: need at least 1 object")
+        sources = procedural_sources(cfg, ds_cfg.num_objects)
+        source_info = {"num_objects": ds_cfg.num_objects, "include_pairs": ds_cfg.include_pairs}
+    state = prepare_output(out_uri, cfg, resume, opts)
+    pending = [s for s in sources if s.object_id not in state.done]
+    skipped = len(sources) - len(pending)
+    manifest = write_manifest(out_uri, cfg, False, opts, state.created, source_info)
+    _progress(f"build_dataset: {len(sources)} objects, {skipped} already written, {len(pending)} to fit on "
+              f"{ds_cfg.workers} worker(s) -> {out_uri}", progress)
+
+    summaries: list[dict[str, Any]] = []
+    timing = {"init_seconds": 0.0, "pipeline_seconds": 0.0, "fit_span_seconds": 0.0}
+    started_ray = False
+    interrupted = False
+    try:
+        if pending:
+            t0 = time.perf_counter()
+            started_ray = init_ray(address)
+            timing["init_seconds"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            it = _pipeline(pending, cfg, out_uri, opts, progress).iter_rows()
+            try:
+                for row in it:
+                    summaries.append(row)
+                    _progress(f"[{len(summaries) + skipped}/{len(sources)}] {row['object_id']}: {row['status']}"
+                              + (f" psnr {row['psnr_test']:.2f} dB" if row["status"] == STATUS_OK else
+                                 f" ({row['error'][:200]})") + f" {row['seconds']:.1f} s", progress)
+                    if stop_after is not None and len(summaries) >= stop_after:
+                        interrupted = True
+                        break
+            finally:
+                close = getattr(it, "close", None)
+                if close:
+                    close()
+            timing["pipeline_seconds"] = time.perf_counter() - t1
+            if summaries:
+                timing["fit_span_seconds"] = (max(r["finished"] for r in summaries)
+                                              - min(r["started"] for r in summaries))
+        done = set(state.done) | {r["object_id"] for r in summaries}
+        complete = not interrupted and all(s.object_id in done for s in sources)
+        manifest = write_manifest(out_uri, cfg, complete, opts, state.created, source_info)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    if interrupted:
+        raise BuildInterrupted(f"stopped after {len(summaries)} objects (stop_after={stop_after}); "
+                               f"rerun with --resume to finish")
+
+    fitted = len(summaries)
+    span = timing["fit_span_seconds"]
+    return {
+        "out": out_uri,
+        "manifest": f"{out_uri.rstrip('/')}/{MANIFEST}",
+        "objects": len(sources),
+        "skipped": skipped,
+        "fitted": fitted,
+        "fitted_ok": sum(r["status"] == STATUS_OK for r in summaries),
+        "fitted_failed": sum(r["status"] != STATUS_OK for r in summaries),
+        "counts": manifest["counts"],
+        "psnr_test": manifest["psnr_test"],
+        "failures": manifest["failures"],
+        "complete": manifest["complete"],
+        "workers": ds_cfg.workers,
+        "gpus_per_worker": ds_cfg.gpus_per_worker,
+        "worker_pids": sorted({int(r["pid"]) for r in summaries}),
+        **{k: round(v, 3) for k, v in timing.items()},
+        "objects_per_second": round(fitted / span, 4) if span > 0 else None,
+    }
+
+
+def _pipeline(pending: list[ObjectSource], cfg: P2NConfig, out_uri: str, opts: dict[str, Any], progress: bool):
+    import ray
+    import ray.data
+
+    ds_cfg = cfg.dataset
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.max_errored_blocks = 0  # a batch that still fails after its retries fails the run (rows are never lost)
+    workers = min(ds_cfg.workers, len(pending))
+    cpus = _cpus_per_worker(cfg, workers)
+    threads = cfg.dataset.torch_threads or max(1, math.floor(cpus))
+    per_shard = ds_cfg.objects_per_shard
+    items = [s.to_dict() for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_shard)))
+    with warnings.catch_warnings():
+        # max_restarts/max_task_retries can only be passed as ray_remote_args, deprecated for Ray 2.64 (we pin
+        # 2.60). Without them Ray Data restarts a dead actor and retries its batch forever.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(
+            FitActor,
+            fn_constructor_kwargs={"cfg": cfg.to_dict(), "out_uri": out_uri, "storage_options": opts,
+                                   "torch_threads": threads, "kill_once": os.environ.get("P2N_BUILD_KILL_ONCE")},
+            batch_size=per_shard,
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            num_cpus=cpus,
+            num_gpus=ds_cfg.gpus_per_worker or None,
+            max_restarts=ds_cfg.max_retries,
+            max_task_retries=ds_cfg.max_retries,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from p2n.cli.common import print_json
+    from p2n.cli.dataset import add_build_arguments, build_kwargs
+    from p2n.errors import P2NError
+
+    parser = argparse.ArgumentParser(prog="build_dataset.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_build_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        print_json(build(**build_kwargs(args)))
+    except P2NError as e:
+        print(f"build_dataset.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""ray_jobs/build_dataset.py as users run it: `ray job submit --working-dir . -- python ray_jobs/build_dataset.py`
+against a local `ray start --head` cluster (127.0.0.1 only, free ports, its own temp dir).
+
+Teardown stops exactly the cluster this test started: `ray start --block` runs in its own process group, and the
+group gets SIGTERM (then SIGKILL). `ray stop` is not used on purpose: it stops every Ray on the machine, including
+other people's sessions on a shared host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TINY = ["fit.steps=40", "fit.lr=0.03", "fit.rays_per_step=1024", "scene.num_train_views=12", "scene.num_test_views=3",
+        "scene.image_size=24"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # the dashboard answers (401 without the token): it is up
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node cluster with 2 CPUs; yields the job API address (http://127.0.0.1:<dashboard port>)."""
+    gcs, dash, client, agent, agent_grpc, metrics, node_mgr, obj_mgr = free_ports(8)
+    temp_dir = tempfile.mkdtemp(prefix="p2nray", dir="/tmp")  # short: Ray's unix sockets live under it
+    # Ray 2.60 clusters require a token (~/.ray/auth_token); the job CLI sends it only in token mode.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--include-dashboard", "true", "--ray-client-server-port", str(client),
+           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--metrics-export-port", str(metrics), "--node-manager-port", str(node_mgr),
+           "--object-manager-port", str(obj_mgr), "--temp-dir", temp_dir, "--disable-usage-stats"]
+    log = open(Path(temp_dir) / "ray_start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        wait_for(f"{address}/api/version", 120, proc)
+        yield {"address": address, "env": env}
+    finally:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)  # the group of the `ray start` this fixture launched, and nothing else
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(proc.pid):
+                time.sleep(0.5)
+                proc.poll()
+            if not _group_alive(proc.pid):
+                break
+        proc.poll()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def test_ray_job_submit_builds_a_dataset(cluster, tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    from p2n.config import P2NConfig
+
+    P2NConfig().override(TINY).to_yaml(cfg_path)
+    out = tmp_path / "ds"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", ".",
+           "--", "python", "ray_jobs/build_dataset.py", "--out", str(out), "--num-objects", "2", "--workers", "2",
+           "--config", str(cfg_path), "--no-progress"]
+    res = subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert "succeeded" in log.lower(), log[-4000:]
+    summary = next(json.loads(line) for line in log.splitlines() if line.startswith('{"out"'))
+    assert summary["fitted"] == 2 and summary["fitted_ok"] == 2 and summary["complete"] is True
+
+    from p2n.data import open_dataset
+
+    ds = open_dataset(str(out))
+    assert ds.manifest["counts"]["ok"] == 2 and ds.manifest["config"]["fit"]["steps"] == 40
+    # The upload honoured .gitignore/.rayignore: Ray logs the package size; the repo without .venv is a few MB.
+    sizes = [line for line in log.splitlines() if "Uploading package" in line or "package" in line.lower()]
+    assert not any("GiB" in s for s in sizes), sizes
