@@ -83,6 +83,7 @@ class FitConfig:
     occupancy_update_every: int = 16
     occupancy_decay: float = 0.8
     num_threads: int | None = None  # torch intra-op threads (None: torch's default)
+    device: str = "auto"  # "auto": cuda when available (tcnn hash grid if importable), else cpu
     seed: int = 0  # ray sampling order
 
 
@@ -179,6 +180,15 @@ class TrainConfig:
     eval_every: int = 0  # steps between decoded-render evaluations (0: only at the end)
     eval_objects: int = 8  # objects per split rendered for evaluation (bounds its cost)
     eval_views: int = 4  # views per object rendered for evaluation
+
+def resolve_device(name: str = "auto") -> str:
+    """"auto" → "cuda" when a GPU is visible, else "cpu"; anything else is passed through."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @dataclass
 class P2NConfig:

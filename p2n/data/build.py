@@ -22,8 +22,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from p2n.config import P2NConfig
 from p2n.data import storage
 from p2n.data.errors import DataError
@@ -59,7 +57,7 @@ class ObjectSource:
         return cls(str(value["object_id"]), str(value.get("kind") or KIND_PROCEDURAL), str(value.get("uri") or ""))
 
 
-# ---- which objects ---------------------------------------------------------------------------------------------------
+# ---- which objects ---------------------------------------------------------------------------------------------
 
 def procedural_sources(cfg: P2NConfig, num_objects: int) -> list[ObjectSource]:
     """The first ``num_objects`` of the procedural catalogue (``p2n.scenes.catalogue``)."""
@@ -120,7 +118,7 @@ def catalogue_sources(uri: str, storage_options: dict[str, Any] | None = None) -
     return sources
 
 
-# ---- one object -------------------------------------------------------------------------------------------------------
+# ---- one object ------------------------------------------------------------------------------------------------
 
 @dataclass
 class LoadedObject:
@@ -236,8 +234,3 @@ def fit_object(source: ObjectSource | dict | str, cfg: P2NConfig,
                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit one object (a procedural id, an :class:`ObjectSource` or its dict) into a dataset row."""
     return ObjectFitter(cfg, storage_options).fit(source)
-
-
-def set_torch_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(int(n))

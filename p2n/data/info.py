@@ -36,6 +36,7 @@ def dataset_info(uri: str, sheet: str | Path | None = "./dataset_sheet.png",
         "shards": len(ds.shards),
         "failures": [{"object_id": r["object_id"], "error": r["error"]} for r in failed],
     }
+    record["sheet"], record["sheet_objects"] = None, []  # nothing to draw without ok rows
     if sheet and ok and sheet_objects > 0:
         record["sheet"], record["sheet_objects"] = _contact_sheet(ds, sheet, sheet_objects, sheet_views)
     return record

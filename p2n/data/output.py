@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,7 +130,5 @@ def write_manifest(uri: str, cfg: P2NConfig, complete: bool, storage_options: di
     rel = [s[len(root):].lstrip("/") for s in shards]
     manifest = make_manifest(summary, rel, _plain(cfg.to_dict()), cfg.field.layout_hash(),
                              param_layout(cfg.field).numel, complete, created, source)
-    import json
-
     storage.write_bytes_atomic(fs, storage.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest

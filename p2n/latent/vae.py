@@ -7,8 +7,8 @@ every vector and the vectors can be modelled like any other data. The model:
   stored in the model file, applied inside :class:`VAEModel` so callers only ever see real parameters;
 * **tokens** per layer / per hash-grid level (``tokens.py``): ``[B, P] -> [B, K, C]``;
 * **encoder**: one linear map per token (``C -> head_dim``, a grouped linear: ``P * head_dim`` weights in all),
-  a shared projection to ``model_dim``, a transformer over the K tokens plus a summary token, whose output gives
-  the posterior mean and log-variance of a ``latent_dim`` latent;
+  a shared projection to ``model_dim``, a transformer over the K tokens, and the mean over tokens gives the
+  posterior mean and log-variance of a ``latent_dim`` latent;
 * **decoder**: the latent broadcast onto K learned token positions, a transformer, a shared projection to
   ``head_dim`` and one linear map per token back to its ``C`` values.
 
@@ -81,7 +81,6 @@ class ParamVAE(nn.Module):
         self.enc_in = GroupedLinear(k, c, h)
         self.enc_proj = nn.Linear(h, d)
         self.enc_pos = nn.Parameter(torch.randn(k, d) * 0.02)
-        self.summary = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.encoder = _transformer(d, cfg.heads, cfg.depth)
         self.enc_norm = nn.LayerNorm(d)
         self.to_posterior = nn.Linear(d, 2 * latent)
@@ -102,8 +101,7 @@ class ParamVAE(nn.Module):
         padded = torch.cat([x, x.new_zeros(x.shape[0], 1)], -1)
         tok = padded[:, self.gather_index]  # [B, K, C]
         h = self.enc_proj(torch.nn.functional.gelu(self.enc_in(tok))) + self.enc_pos
-        h = torch.cat([self.summary.expand(x.shape[0], -1, -1).to(h.dtype), h], 1)
-        h = self.enc_norm(self.encoder(h)[:, 0])
+        h = self.enc_norm(self.encoder(h).mean(1))  # mean over tokens: with depth 0 a chunked linear encoder
         mu, logvar = self.to_posterior(h).chunk(2, -1)
         return mu, logvar.clamp(-12.0, 6.0)
 

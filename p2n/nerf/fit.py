@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from p2n.cameras import Views, rays
-from p2n.config import P2NConfig
+from p2n.config import P2NConfig, resolve_device
 from p2n.errors import P2NError
 from p2n.nerf.field import NeRFField, init_params
 from p2n.nerf.params import check_finite
@@ -68,7 +68,8 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
     t_start = time.perf_counter()
     gen = torch.Generator().manual_seed(fc.seed)
 
-    params = (init_params(cfg.field, fc.init_seed) if init is None else init.detach().float().clone())
+    dev = torch.device(resolve_device(fc.device))
+    params = (init_params(cfg.field, fc.init_seed) if init is None else init.detach().float().clone()).to(dev)
     if params.numel() != nerf.num_params:
         raise FitError(f"initial parameters have {params.numel()} values, the field needs {nerf.num_params}")
     params.requires_grad_(True)
@@ -77,11 +78,12 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
 
     o, d = rays(train.cameras)
-    o, d, target = o.reshape(-1, 3), d.reshape(-1, 3), train.images.reshape(-1, 4)
-    grid = OccupancyGrid(rc.occupancy_resolution, cfg.field.aabb_scale).carve(train)
+    o, d, target = o.reshape(-1, 3).to(dev), d.reshape(-1, 3).to(dev), train.images.reshape(-1, 4).to(dev)
+    grid = OccupancyGrid(rc.occupancy_resolution, cfg.field.aabb_scale).carve(train).to(dev)
     step_size = sample_step(cfg.field.aabb_scale, rc.num_samples)
     empty_cells = (~grid.allowed).reshape(-1).nonzero()[:, 0]
     cell = 2 * grid.scale / grid.res
+    centers_all = grid.cell_centers().to(dev)
 
     history: list[dict] = []
     ema = None
@@ -92,8 +94,8 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
         bar = tqdm(total=fc.steps, desc="fit", unit="step", leave=False)
     step = 0
     for step in range(1, fc.steps + 1):
-        idx = torch.randint(0, o.shape[0], (fc.rays_per_step,), generator=gen)
-        bg = torch.rand((fc.rays_per_step, 3), generator=gen)
+        idx = torch.randint(0, o.shape[0], (fc.rays_per_step,), generator=gen).to(dev)
+        bg = torch.rand((fc.rays_per_step, 3), generator=gen).to(dev)
         gt = composite(target[idx], bg)
         out = render_rays(nerf, params, o[idx], d[idx], bg, rc, grid, jitter=gen)
         loss = torch.mean((out["rgb"] - gt) ** 2)
@@ -101,7 +103,7 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
         if empty_cells.numel():
             # Points the silhouettes prove empty: push their optical thickness to zero.
             pick = empty_cells[torch.randint(0, empty_cells.numel(), (fc.rays_per_step // 4,), generator=gen)]
-            centers = grid.cell_centers()[pick] + (torch.rand((pick.numel(), 3), generator=gen) - 0.5) * cell
+            centers = centers_all[pick] + ((torch.rand((pick.numel(), 3), generator=gen) - 0.5) * cell).to(dev)
             loss = loss + fc.empty_weight * (nerf.density(centers, params) * step_size).clamp(max=10).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,7 +129,7 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
             break
     if bar:
         bar.close()
-    params = params.detach()
+    params = params.detach().cpu()
     try:
         check_finite(params)
     except P2NError as e:

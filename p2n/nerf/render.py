@@ -39,15 +39,18 @@ class OccupancyGrid:
         self.allowed = torch.ones_like(self.occupied)  # cells the silhouettes permit; never re-enabled outside
         self.density = torch.zeros((resolution,) * 3)
 
+    def to(self, device) -> "OccupancyGrid":
+        self.occupied, self.allowed, self.density = (t.to(device) for t in (self.occupied, self.allowed, self.density))
+        return self
+
     def cell_centers(self) -> Tensor:  # [G³, 3] world coordinates
-        c = (torch.arange(self.res, dtype=torch.float32) + 0.5) / self.res * 2 * self.scale - self.scale
+        c = (torch.arange(self.res, dtype=torch.float32, device=self.occupied.device) + 0.5) / self.res * 2 * self.scale - self.scale
         return torch.stack(torch.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)
 
     def query(self, pts: Tensor) -> Tensor:
         """Occupancy of world points [..., 3] → bool [...]."""
         ijk = ((pts + self.scale) / (2 * self.scale) * self.res).long().clamp(0, self.res - 1)
-        occ = self.occupied.to(pts.device)
-        return occ[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
+        return self.occupied[ijk[..., 0], ijk[..., 1], ijk[..., 2]]
 
     def carve(self, views: Views, dilate_px: int = 2) -> "OccupancyGrid":
         """Keep only cells whose centre projects inside every view's (dilated) alpha mask (the visual hull)."""
@@ -76,7 +79,7 @@ class OccupancyGrid:
         """Refresh from the field's density at jittered cell positions (an EMA of maxima, then a 1-cell dilation)."""
         pts = self.cell_centers()
         cell = 2 * self.scale / self.res
-        pts = pts + (torch.rand(pts.shape, generator=generator) - 0.5) * cell
+        pts = pts + ((torch.rand(pts.shape, generator=generator) - 0.5) * cell).to(pts.device)
         sigma = _chunked_density(field, params, pts).reshape(self.density.shape)
         self.density = torch.maximum(self.density * decay, sigma) * self.allowed
         self._threshold(step_size, threshold)
@@ -89,10 +92,11 @@ class OccupancyGrid:
     @torch.no_grad()
     def from_params(cls, field: NeRFField, params: Tensor, cfg: RenderConfig) -> "OccupancyGrid":
         """The grid implied by a parameter vector alone: max density over 2³ fixed sub-points per cell."""
-        grid = cls(cfg.occupancy_resolution, field.cfg.aabb_scale)
+        grid = cls(cfg.occupancy_resolution, field.cfg.aabb_scale).to(params.device)
         cell = 2 * grid.scale / grid.res
         centers = grid.cell_centers()
-        offs = torch.tensor([[x, y, z] for x in (-0.25, 0.25) for y in (-0.25, 0.25) for z in (-0.25, 0.25)]) * cell
+        offs = torch.tensor([[x, y, z] for x in (-0.25, 0.25) for y in (-0.25, 0.25) for z in (-0.25, 0.25)],
+                            device=params.device) * cell
         sigma = torch.stack([_chunked_density(field, params, centers + o) for o in offs]).amax(0)
         grid.density = sigma.reshape(grid.density.shape)
         grid._threshold(sample_step(field.cfg.aabb_scale, cfg.num_samples), cfg.occupancy_threshold)
@@ -153,15 +157,15 @@ def render_image(field: NeRFField, params: Tensor, cameras: Cameras, cfg: Render
     bg = torch.tensor(cfg.background, dtype=torch.float32) if background is None else background
     o, d = rays(cameras)
     shape = o.shape[:-1]
-    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    o, d = o.reshape(-1, 3).to(params.device), d.reshape(-1, 3).to(params.device)
     p = field.layout.unflatten(params.detach())
     out_rgb, out_acc = [], []
     for i in range(0, o.shape[0], cfg.chunk_rays):
         res = render_rays(field, p, o[i:i + cfg.chunk_rays], d[i:i + cfg.chunk_rays], bg, cfg, grid)
         out_rgb.append(res["rgb"])
         out_acc.append(res["acc"])
-    rgb = torch.cat(out_rgb).reshape(*shape, 3).clamp(0, 1)
-    acc = torch.cat(out_acc).reshape(shape).clamp(0, 1)
+    rgb = torch.cat(out_rgb).reshape(*shape, 3).clamp(0, 1).cpu()
+    acc = torch.cat(out_acc).reshape(shape).clamp(0, 1).cpu()
     return rgb, acc
 
 

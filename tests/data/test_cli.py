@@ -62,4 +62,4 @@ def test_info_prints_counts_failures_and_the_sheet_path(tmp_path, capsys, tiny_c
     rec = json.loads(stdout)
     assert rc == 0 and rec["counts"] == {"total": 1, "ok": 0, "failed": 1}
     assert rec["failures"] == [{"object_id": "single/red/cube/s1-p0", "error": "FitError: diverged"}]
-    assert rec["psnr_test"]["median"] is None and "sheet" not in rec  # nothing to draw without ok rows
+    assert rec["psnr_test"]["median"] is None and rec["sheet"] is None  # nothing to draw without ok rows
