@@ -181,6 +181,67 @@ class TrainConfig:
     eval_objects: int = 8  # objects per split rendered for evaluation (bounds its cost)
     eval_views: int = 4  # views per object rendered for evaluation
 
+@dataclass
+class GuidanceConfig:
+    """Settings of every refinement guidance (``p2n.refine.guidance``); each one reads the fields it needs."""
+
+    # Local folder of a diffusers model (``save_pretrained`` layout, one subfolder per component), or "tiny" for
+    # a random tiny model of the same layout built on the fly (tests, demos). Nothing is downloaded at run time.
+    model_path: str | None = None
+    # Classifier-free guidance scale; None takes the guidance's own default (sds 100, zero123 3, clip 1).
+    # For clip, which has no CFG, it is the weight of the loss.
+    guidance_scale: float | None = None
+    # Diffusion timesteps are sampled uniformly in [min_step_ratio, max_step_ratio] * T.
+    min_step_ratio: float = 0.02
+    max_step_ratio: float = 0.98
+    # When set, the upper end anneals linearly from max_step_ratio (step 0) to this (last step): large noise
+    # early shapes the object, small noise late refines detail.
+    max_step_ratio_end: float | None = None
+    # The diffusion model's input size in pixels (SD 2.1-base 512, zero123 256, tiny 64); renders are resized to
+    # it. None takes the model's own, unet.sample_size * the VAE's downscale. (clip uses its encoder's own size.)
+    image_size: int | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float32 on CPU, bf16/fp16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    clip_model: str = "tiny-clip"  # encoder spec handed to p2n.align.encoders.build_encoder
+    clip_augment: bool = False  # clip: random crops of the render, a cheap guard against adversarial pixels
+    seed: int = 0  # timesteps, noise and augmentations come from one generator seeded here
+
+
+@dataclass
+class RefineConfig:
+    """Refining one NeRF from an initialization with a guidance (``p2n refine``, ``p2n.refine``).
+
+    ``multiview`` trains on random pixels of posed views (``rays_per_step``), like ``fit``; the image guidances
+    (``sds``, ``zero123``, ``clip``) render ``views_per_step`` whole ``image_size`` views from random cameras on
+    a sphere of ``camera_radius`` in an elevation band. Held-out PSNR is measured every ``eval_every`` steps
+    whenever the object has ground-truth views.
+    """
+
+    steps: int = 300
+    lr: float = 1e-2
+    lr_final_factor: float = 0.1  # exponential decay to lr * this at the last step
+    warmup_steps: int = 0  # linear lr warm-up from 0
+    rays_per_step: int = 1024  # multiview: pixels per step
+    empty_weight: float = 0.1  # multiview: penalty on optical thickness where the silhouettes prove space empty
+    views_per_step: int = 1  # image guidances: views rendered per step
+    image_size: int = 32  # image guidances: side of each rendered view in pixels
+    camera_radius: float | None = None  # image guidances; None: scene.camera_radius
+    min_elevation_deg: float = -10.0
+    max_elevation_deg: float = 60.0
+    fov_deg: float | None = None  # None: scene.fov_deg
+    background: Literal["render", "random"] = "render"  # image guidances: render.background, or a random colour per view
+    ref_elevation_deg: float = 0.0  # zero123 with an image prompt: the elevation its reference view is taken at
+    occupancy_update_every: int = 16
+    occupancy_decay: float = 0.8
+    eval_every: int = 10  # steps between held-out PSNR evaluations (0: only at the start and the end)
+    eval_views: int | None = 4  # held-out views rendered per evaluation (None: all of them)
+    checkpoint_every: int = 50  # steps between checkpoints in OUT/ckpt (0: none); a run always ends with one
+    seed: int = 0  # cameras, pixels, backgrounds and sample jitter
+    device: str = "auto"
+    num_threads: int | None = None
+    guidance: GuidanceConfig = dc_field(default_factory=GuidanceConfig)
+
+
 def resolve_device(name: str = "auto") -> str:
     """"auto" → "cuda" when a GPU is visible, else "cpu"; anything else is passed through."""
     if name != "auto":
@@ -200,6 +261,7 @@ class P2NConfig:
     vae: VAEConfig = dc_field(default_factory=VAEConfig)
     align: AlignConfig = dc_field(default_factory=AlignConfig)
     train: TrainConfig = dc_field(default_factory=TrainConfig)
+    refine: RefineConfig = dc_field(default_factory=RefineConfig)
 
     # ---- YAML and overrides -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

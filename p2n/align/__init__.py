@@ -1,5 +1,6 @@
 """Stage 2: prompt encoders (`build_encoder`) and, alongside, the aligner that maps embeddings to VAE latents."""
 
+from p2n.align.aligner import Aligner, AlignerBundle, build_encoders, load_aligner, save_aligner
 from p2n.align.encoders import PromptEncoder, available_encoders, build_encoder, register_encoder
 from p2n.align.errors import (
     EncoderError,
@@ -12,6 +13,8 @@ from p2n.align.errors import (
 )
 
 __all__ = [
+    "Aligner",
+    "AlignerBundle",
     "EncoderError",
     "EncoderWeightsMissing",
     "ImageError",
@@ -22,5 +25,8 @@ __all__ = [
     "UnknownEncoder",
     "available_encoders",
     "build_encoder",
+    "build_encoders",
+    "load_aligner",
     "register_encoder",
+    "save_aligner",
 ]

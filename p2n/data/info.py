@@ -65,4 +65,4 @@ def _contact_sheet(ds, path: str | Path, k: int, v: int) -> tuple[str, list[dict
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 96 // max(rows[0][0].shape[0], 1))
     image_grid(rows, labels=labels, scale=scale).save(path)
-    return str(path), objects
+    return str(path.resolve()), objects

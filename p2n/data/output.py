@@ -23,8 +23,10 @@ from p2n.data.reader import list_shards, read_summary
 from p2n.data.schema import FORMAT, MANIFEST, SHARD_PREFIX, SHARD_SUFFIX, SHARDS_DIR, arrow_schema, check_row
 from p2n.nerf.field import param_layout
 
-# Config sections whose change would make a resumed dataset inconsistent (dataset.* only says how to run).
+# Config sections whose change would make a resumed dataset inconsistent (dataset.* only says how to run), and
+# the keys in them that only say where or how fast the same computation runs.
 _FROZEN_SECTIONS = ("scene", "field", "render", "fit")
+_FREE_KEYS = {"fit.num_threads", "fit.device", "field.implementation", "render.chunk_rays"}
 
 
 @dataclass
@@ -71,7 +73,7 @@ def prepare_output(uri: str, cfg: P2NConfig, resume: bool,
         old = (manifest.get("config") or {})
         now = _plain(cfg.to_dict())
         diff = [f"{sec}.{k}: {old[sec].get(k)!r} -> {v!r}" for sec in _FROZEN_SECTIONS if sec in old
-                for k, v in now[sec].items() if _plain(old[sec].get(k)) != v]
+                for k, v in now[sec].items() if _plain(old[sec].get(k)) != v and f"{sec}.{k}" not in _FREE_KEYS]
         if diff:
             raise DataError(f"--resume: this config differs from the one {uri} was built with ({'; '.join(diff[:6])}"
                             f"{'; ...' if len(diff) > 6 else ''}); pass the same --config/--set, or choose another "

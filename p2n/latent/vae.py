@@ -213,6 +213,16 @@ class VAEModel(nn.Module):
             "info": self.info,
         }
 
+    def fingerprint(self) -> str:
+        """A short hash of the weights and statistics: tells two VAEs apart even on the same layout."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.tensors().items()):
+            h.update(k.encode())
+            h.update(v.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def tensors(self) -> dict[str, Tensor]:
         return {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
 

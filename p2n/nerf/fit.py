@@ -42,6 +42,67 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class RayBatch:
+    """Rays with their ground-truth colour over a per-ray background."""
+
+    rays_o: Tensor  # [R, 3]
+    rays_d: Tensor  # [R, 3]
+    background: Tensor  # [R, 3]
+    target: Tensor  # [R, 3]: the views' RGBA composited over ``background``
+
+
+class PosedRays:
+    """Every pixel of posed RGBA views as a ray with its colour; :meth:`sample` draws random training batches.
+
+    Each sampled ray gets a random background colour (the target is composited over the same colour), so the
+    field can only match every background by being transparent where the views are: free space is learned as
+    empty, not white. Shared by :func:`fit` and the refinement loop's ``multiview`` guidance.
+    """
+
+    def __init__(self, views: Views, device: torch.device | str = "cpu"):
+        o, d = rays(views.cameras)
+        self.device = torch.device(device)
+        self.rays_o = o.reshape(-1, 3).to(self.device)  # [N*H*W, 3]
+        self.rays_d = d.reshape(-1, 3).to(self.device)
+        self.rgba = views.images.reshape(-1, 4).to(self.device)  # [N*H*W, 4] straight alpha
+
+    def __len__(self) -> int:
+        return self.rays_o.shape[0]
+
+    def sample(self, n: int, generator: torch.Generator) -> RayBatch:
+        idx = torch.randint(0, len(self), (n,), generator=generator).to(self.device)
+        bg = torch.rand((n, 3), generator=generator).to(self.device)
+        return RayBatch(self.rays_o[idx], self.rays_d[idx], bg, composite(self.rgba[idx], bg))
+
+
+def carved_grid(views: Views, cfg: P2NConfig, device: torch.device | str = "cpu") -> OccupancyGrid:
+    """An occupancy grid carved to the visual hull of ``views``' silhouettes."""
+    return OccupancyGrid(cfg.render.occupancy_resolution, cfg.field.aabb_scale).carve(views).to(device)
+
+
+class EmptySpace:
+    """The cells a carved grid proves empty (outside some silhouette); :meth:`penalty` pushes their optical
+    thickness to zero, which writes "nothing here" into the parameters themselves."""
+
+    def __init__(self, grid: OccupancyGrid, step_size: float):
+        self.step_size = step_size
+        self.cells = (~grid.allowed).reshape(-1).nonzero()[:, 0]
+        self.cell = 2 * grid.scale / grid.res
+        self.centers = grid.cell_centers()
+
+    def penalty(self, nerf: NeRFField, params: Tensor | dict[str, Tensor], n: int,
+                generator: torch.Generator) -> Tensor | None:
+        """Mean optical thickness (per sample step, clamped) at ``n`` jittered points in empty cells; None when the
+        silhouettes prove nothing empty."""
+        if not self.cells.numel():
+            return None
+        pick = self.cells[torch.randint(0, self.cells.numel(), (n,), generator=generator)]
+        dev = self.centers.device
+        pts = self.centers[pick] + ((torch.rand((pick.numel(), 3), generator=generator) - 0.5) * self.cell).to(dev)
+        return (nerf.density(pts, params) * self.step_size).clamp(max=10).mean()
+
+
 def _check_views(views: Views, what: str) -> None:
     if len(views) == 0:
         raise FitError(f"no {what} views to fit")
@@ -77,13 +138,10 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
     gamma = fc.lr_final_factor ** (1.0 / max(fc.steps, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
 
-    o, d = rays(train.cameras)
-    o, d, target = o.reshape(-1, 3).to(dev), d.reshape(-1, 3).to(dev), train.images.reshape(-1, 4).to(dev)
-    grid = OccupancyGrid(rc.occupancy_resolution, cfg.field.aabb_scale).carve(train).to(dev)
+    posed = PosedRays(train, dev)
+    grid = carved_grid(train, cfg, dev)
     step_size = sample_step(cfg.field.aabb_scale, rc.num_samples)
-    empty_cells = (~grid.allowed).reshape(-1).nonzero()[:, 0]
-    cell = 2 * grid.scale / grid.res
-    centers_all = grid.cell_centers().to(dev)
+    empty = EmptySpace(grid, step_size)
 
     history: list[dict] = []
     ema = None
@@ -94,17 +152,13 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
         bar = tqdm(total=fc.steps, desc="fit", unit="step", leave=False)
     step = 0
     for step in range(1, fc.steps + 1):
-        idx = torch.randint(0, o.shape[0], (fc.rays_per_step,), generator=gen).to(dev)
-        bg = torch.rand((fc.rays_per_step, 3), generator=gen).to(dev)
-        gt = composite(target[idx], bg)
-        out = render_rays(nerf, params, o[idx], d[idx], bg, rc, grid, jitter=gen)
-        loss = torch.mean((out["rgb"] - gt) ** 2)
+        batch = posed.sample(fc.rays_per_step, gen)
+        out = render_rays(nerf, params, batch.rays_o, batch.rays_d, batch.background, rc, grid, jitter=gen)
+        loss = torch.mean((out["rgb"] - batch.target) ** 2)
         mse = loss.detach()
-        if empty_cells.numel():
-            # Points the silhouettes prove empty: push their optical thickness to zero.
-            pick = empty_cells[torch.randint(0, empty_cells.numel(), (fc.rays_per_step // 4,), generator=gen)]
-            centers = centers_all[pick] + ((torch.rand((pick.numel(), 3), generator=gen) - 0.5) * cell).to(dev)
-            loss = loss + fc.empty_weight * (nerf.density(centers, params) * step_size).clamp(max=10).mean()
+        penalty = empty.penalty(nerf, params, fc.rays_per_step // 4, gen)
+        if penalty is not None:
+            loss = loss + fc.empty_weight * penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -35,8 +35,8 @@ def test_resume_refuses_a_different_config_or_a_foreign_folder(tmp_path, tiny_cf
     write_manifest(out, tiny_cfg, complete=False)
     with pytest.raises(DataError, match=r"fit.steps: 40 -> 41"):
         prepare_output(out, tiny_cfg.override(["fit.steps=41"]), resume=True)
-    # Only dataset.* (how to run) may change between runs.
-    assert prepare_output(out, tiny_cfg.override(["dataset.workers=1"]), resume=True).done
+    # Only how to run (dataset.*, threads, device) may change between runs.
+    assert prepare_output(out, tiny_cfg.override(["dataset.workers=1", "fit.num_threads=1"]), resume=True).done
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="holds no p2n dataset"):

@@ -3,6 +3,8 @@ a corrupt catalogue object, and resuming an interrupted run."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -68,6 +70,12 @@ def test_s3_catalogue_to_s3_with_a_corrupt_object(ray_session, s3_server, tiny_c
     fs, path = storage.url_to_fs(out)
     table = ray_session.data.read_parquet(path, filesystem=pyarrow_filesystem(fs)).to_pandas()
     assert sorted(table["status"]) == ["failed", "ok", "ok"]
+
+    # The endpoint can come from --storage-options instead of the environment.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("AWS_ENDPOINT_URL")
+        opts = json.dumps({"client_kwargs": {"endpoint_url": s3_server}})
+        assert sorted(open_dataset(out, storage_options=opts).object_ids(status=None)) == sorted(table["object_id"])
 
 
 def test_an_interrupted_build_resumes_without_duplicates_or_losses(ray_session, tiny_cfg, tmp_path):

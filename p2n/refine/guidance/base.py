@@ -4,18 +4,20 @@ A guidance turns images rendered by the NeRF into a scalar loss whose gradient s
 (score distillation through a diffusion model, CLIP similarity, ...). The refinement loop only ever sees
 :class:`Guidance`; which one runs is a name in the config (see ``p2n.refine.guidance.build_guidance``).
 
-Owns: :class:`GuidanceConfig`, :class:`GuidanceContext`, :class:`GuidanceOutput`, the :class:`Guidance` base
-class, device/dtype resolution and the guidance errors. Does not own: any model, the renderer or the loop.
+Owns: :class:`GuidanceContext`, :class:`GuidanceOutput`, the :class:`Guidance` base
+class, device/dtype resolution and the guidance errors. :class:`GuidanceConfig` lives in ``p2n.config``
+(``RefineConfig.guidance``) and is re-exported here. Does not own: any model, the renderer or the loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from p2n.config import GuidanceConfig  # noqa: F401  (defined with every other setting; re-exported here)
 from p2n.errors import P2NError
 
 
@@ -33,32 +35,6 @@ class GuidanceInputError(P2NError):
 
 class GuidanceConfigError(P2NError):
     """A guidance setting out of range."""
-
-
-@dataclass
-class GuidanceConfig:
-    """Settings of every guidance; each one reads the fields it needs (the others are ignored)."""
-
-    # Local folder of a diffusers model (``save_pretrained`` layout, one subfolder per component), or "tiny" for
-    # a random tiny model of the same layout built on the fly (tests, demos). Nothing is downloaded at run time.
-    model_path: str | None = None
-    # Classifier-free guidance scale; None takes the guidance's own default (sds 100, zero123 3, clip 1).
-    # For clip, which has no CFG, it is the weight of the loss.
-    guidance_scale: float | None = None
-    # Diffusion timesteps are sampled uniformly in [min_step_ratio, max_step_ratio] * T.
-    min_step_ratio: float = 0.02
-    max_step_ratio: float = 0.98
-    # When set, the upper end anneals linearly from max_step_ratio (step 0) to this (last step): large noise
-    # early shapes the object, small noise late refines detail.
-    max_step_ratio_end: float | None = None
-    # The diffusion model's input size in pixels (SD 2.1-base 512, zero123 256, tiny 64); renders are resized to
-    # it. None takes the model's own, unet.sample_size * the VAE's downscale. (clip uses its encoder's own size.)
-    image_size: int | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float32 on CPU, bf16/fp16 on CUDA
-    device: str = "auto"  # auto: cuda when available, else cpu
-    clip_model: str = "tiny-clip"  # encoder spec handed to p2n.align.encoders.build_encoder
-    clip_augment: bool = False  # clip: random crops of the render, a cheap guard against adversarial pixels
-    seed: int = 0  # timesteps, noise and augmentations come from one generator seeded here
 
 
 @dataclass
