@@ -279,8 +279,10 @@ class P2NConfig:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path) -> "P2NConfig":
-        p = Path(path_or_text)
-        text = p.read_text() if p.suffix in (".yaml", ".yml") or p.exists() else str(path_or_text)
+        text = str(path_or_text)
+        looks_like_path = isinstance(path_or_text, Path) or ("\n" not in text and len(text) < 1024)
+        if looks_like_path and (Path(text).suffix in (".yaml", ".yml") or Path(text).exists()):
+            text = Path(text).read_text()
         data = yaml.safe_load(text)
         if data is not None and not isinstance(data, dict):
             raise ValueError(f"config must be a YAML mapping, got {type(data).__name__}")
@@ -301,7 +303,13 @@ class P2NConfig:
                 node = node[p]
             if parts[-1] not in node:
                 raise ValueError(f"unknown config key {key!r}; known keys here: {sorted(node)}")
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
+            if isinstance(value, str):
+                try:  # YAML 1.1 reads "1e30" as a string; a number is what anyone typing it means
+                    value = float(value) if any(c in value for c in ".eE") else int(value)
+                except ValueError:
+                    pass
+            node[parts[-1]] = value
         return P2NConfig.from_dict(d)
 
 

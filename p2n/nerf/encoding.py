@@ -93,8 +93,8 @@ def _corner_indices_and_weights(x: Tensor, levels: tuple[Level, ...]) -> tuple[T
             idx = (ax[0][:, :, None, None] + ax[1][:, None, :, None] + ax[2][:, None, None, :]) % lv.size
         wx = [torch.stack([1 - frac[:, d], frac[:, d]], -1) for d in range(3)]
         w = wx[0][:, :, None, None] * wx[1][:, None, :, None] * wx[2][:, None, None, :]
-        idx_all.append(idx.reshape(-1, 8) + lv.offset)
-        w_all.append(w.reshape(-1, 8))
+        idx_all.append(idx.reshape(x.shape[0], 8) + lv.offset)
+        w_all.append(w.reshape(x.shape[0], 8))
     return torch.stack(idx_all, 1), torch.stack(w_all, 1)
 
 
