@@ -115,7 +115,7 @@ class _HashGridFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, table: Tensor, levels: tuple[Level, ...], features: int) -> Tensor:
         idx, w = _corner_indices_and_weights(x.detach(), levels)  # [N, L, 8]
         feats = _gather(table, idx, features)  # [N, L, 8, F]
-        out = (feats * w[..., None]).sum(2).reshape(x.shape[0], -1)  # [N, L*F]
+        out = (feats * w[..., None]).sum(2).reshape(x.shape[0], len(levels) * features)  # [N, L*F]
         ctx.save_for_backward(idx, w)
         ctx.table_shape, ctx.features = table.shape, features
         return out
