@@ -118,15 +118,15 @@ class VAEConfig:
     chunk_size: int = 1024  # parameter values per token (the last token of a layer/level is padded)
     head_dim: int = 32  # per-token rank of the chunk encoders/decoders: lower it for million-parameter fields
     model_dim: int = 128  # transformer width
-    depth: int = 2  # transformer layers in the encoder and again in the decoder (0: token-wise MLP only)
+    depth: int = 0  # transformer layers in the encoder and again in the decoder (0: chunked linear + token MLP)
     heads: int = 4
-    kl_weight: float = 1e-3  # beta: KL (mean over latent dims) relative to the reconstruction MSE (mean over params)
+    kl_weight: float = 1e-4  # beta: KL (mean over latent dims) relative to the reconstruction MSE (mean over params)
     std_floor: float = 1e-3  # per-coordinate std below this counts as this when normalising parameters
     render_weight: float = 0.0  # weight of the decoded-render MSE (0: parameter reconstruction only)
     render_rays: int = 256  # rays per object per step for the render loss
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 8  # objects per step per worker
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.0
 
@@ -229,7 +229,8 @@ class RefineConfig:
     min_elevation_deg: float = -10.0
     max_elevation_deg: float = 60.0
     fov_deg: float | None = None  # None: scene.fov_deg
-    background: Literal["render", "random"] = "render"  # image guidances: render.background, or a random colour per view
+    # Image guidances' background: render.background, or a random colour per view.
+    background: Literal["render", "random"] = "render"
     ref_elevation_deg: float = 0.0  # zero123 with an image prompt: the elevation its reference view is taken at
     occupancy_update_every: int = 16
     occupancy_decay: float = 0.8
@@ -240,6 +241,62 @@ class RefineConfig:
     device: str = "auto"
     num_threads: int | None = None
     guidance: GuidanceConfig = dc_field(default_factory=GuidanceConfig)
+
+
+@dataclass
+class ReplicaConfig:
+    """One Serve deployment's replicas: autoscaling bounds, load target and resources per replica."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    initial_replicas: int | None = None  # None: min_replicas
+    target_ongoing_requests: float = 2.0  # autoscaling keeps ongoing requests per replica near this
+    max_ongoing_requests: int = 16  # a replica takes no more at once; the rest wait in the router
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+    look_back_period_s: float = 15.0  # window the load is averaged over (> metrics_interval_s)
+    metrics_interval_s: float = 5.0  # how often replicas report their load to the autoscaler
+    num_cpus: float = 0.25  # fractional so every deployment fits on a 2-core machine
+    num_gpus: float | None = None  # None: gpus_when_present if the cluster has GPUs, else 0
+
+
+@dataclass
+class ServeConfig:
+    """The HTTP service (``serve/app.py``, ``p2n serve``): replicas, limits, API key, where jobs and files live.
+
+    ``store`` is a folder or an fsspec URI (``s3://bucket/p2n-serve``) that outlives every replica: refinement jobs
+    keep their state and checkpoints there (a job whose replica dies resumes elsewhere), and artefacts delivered
+    as URLs are read back from it. On a multi-node cluster it must be shared (object store or network folder).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store: str = "outputs/serve"
+    api_key_env: str = "P2N_API_KEY"  # when this environment variable is set, requests must carry its value
+    max_body_bytes: int = 12 * 1024 * 1024  # larger request bodies get 413
+    max_prompt_chars: int = 1000
+    max_image_bytes: int = 8 * 1024 * 1024  # decoded, after base64
+    max_image_pixels: int = 2048 * 2048
+    max_views: int = 16
+    max_render_size: int = 256
+    max_refine_steps: int = 2000
+    max_batch_size: int = 16  # prompts (or images) per forward pass on a Generator replica
+    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill
+    request_timeout_s: float = 120.0  # one generate request, end to end (504 past it)
+    torch_threads: int = 1  # per replica
+    health_check_period_s: float = 2.0
+    job_checkpoint_every: int = 10  # refinement steps between checkpoints on the store
+    job_lease_s: float = 20.0  # a queued/running job without a heartbeat for this long is dispatched again
+    max_job_attempts: int = 5  # dispatches of one job before it is marked failed
+    gpus_when_present: float = 0.5  # GPUs per Generator/Renderer/Refiner replica when num_gpus is None
+    ingress: ReplicaConfig = dc_field(default_factory=lambda: ReplicaConfig(max_replicas=2, num_cpus=0.1,
+                                                                             max_ongoing_requests=256,
+                                                                             target_ongoing_requests=32))
+    generator: ReplicaConfig = dc_field(default_factory=ReplicaConfig)
+    renderer: ReplicaConfig = dc_field(default_factory=lambda: ReplicaConfig(target_ongoing_requests=1,
+                                                                              max_ongoing_requests=4))
+    refiner: ReplicaConfig = dc_field(default_factory=lambda: ReplicaConfig(target_ongoing_requests=1,
+                                                                             max_ongoing_requests=2))
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -262,6 +319,7 @@ class P2NConfig:
     align: AlignConfig = dc_field(default_factory=AlignConfig)
     train: TrainConfig = dc_field(default_factory=TrainConfig)
     refine: RefineConfig = dc_field(default_factory=RefineConfig)
+    serve: ServeConfig = dc_field(default_factory=ServeConfig)
 
     # ---- YAML and overrides -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.override([f"refine.steps={args.steps}"])
     generator = None
     if args.ckpt:
-        generator = load_generator(args.ckpt)
+        generator = load_generator(args.ckpt, cfg)
         if generator.cfg.field != cfg.field:
             cfg = replace(cfg, field=generator.cfg.field)  # the checkpoint fixes the parameter layout
     try:

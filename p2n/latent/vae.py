@@ -40,6 +40,7 @@ from p2n.latent.tokens import ParamTokenizer
 from p2n.nerf.params import ParamsError
 
 KIND = "p2n.vae"
+LOGVAR_INIT = -4.6  # log(0.01)
 FILENAME = "vae.safetensors"
 
 
@@ -84,6 +85,8 @@ class ParamVAE(nn.Module):
         self.encoder = _transformer(d, cfg.heads, cfg.depth)
         self.enc_norm = nn.LayerNorm(d)
         self.to_posterior = nn.Linear(d, 2 * latent)
+        with torch.no_grad():  # start with a narrow posterior (sigma ~ 0.1): early noise otherwise drowns the signal
+            self.to_posterior.bias[latent:] = LOGVAR_INIT
         # decoder
         self.dec_in = nn.Linear(latent, d)
         self.dec_pos = nn.Parameter(torch.randn(k, d) * 0.02)

@@ -4,7 +4,9 @@ Every fit starts from ``init_params(field_cfg, fit_cfg.init_seed)`` — the same
 optimises it against posed RGBA views. What makes this fast on a CPU: an occupancy grid carved from the views'
 silhouettes and refreshed from density, a random background colour per ray (so free space is learned as
 transparent, not white), and a light empty-space penalty that writes "nothing here" into the parameters
-themselves, so the vector renders the same without the silhouettes that produced it.
+themselves, so the vector renders the same without the silhouettes that produced it. Those three pieces
+(:class:`PosedRays`, :func:`carved_grid`, :class:`EmptySpace`) are public: the refinement loop's ``multiview``
+guidance reuses them.
 
 Does not own: rendering maths (``render.py``) or where the views come from (``p2n.scenes``).
 """

@@ -20,7 +20,15 @@ from p2n.refine.loop import (
     smooth,
     write_outputs,
 )
-from p2n.refine.target import RefineTarget, TargetError, from_folder, from_image, from_prompt, from_scene, heldout_targets
+from p2n.refine.target import (
+    RefineTarget,
+    TargetError,
+    from_folder,
+    from_image,
+    from_prompt,
+    from_scene,
+    heldout_targets,
+)
 
 __all__ = [
     "GUIDANCES", "INITS", "GuidanceConfig", "GuidanceContext", "InitError", "RefineError", "RefineResult",

@@ -47,8 +47,9 @@ def check_init_name(init: str) -> None:
         raise InitError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
 
 
-def load_generator(uri: str) -> GeneratorLike:
-    """``p2n.generate.Generator.load(uri)``, with the errors a CLI user can act on."""
+def load_generator(uri: str, cfg: P2NConfig | None = None) -> GeneratorLike:
+    """``p2n.generate.Generator.load(uri, cfg)``, with the errors a CLI user can act on. The generator's ``cfg`` is
+    ``cfg`` with the field layout of its VAE."""
     import os
 
     if "://" not in str(uri) and not os.path.exists(os.path.expanduser(str(uri))):
@@ -61,7 +62,7 @@ def load_generator(uri: str) -> GeneratorLike:
             raise InitError("this p2n has no generator (p2n/generate.py); use --init scratch") from None
         raise
     try:
-        return Generator.load(str(uri))
+        return Generator.load(str(uri), cfg)
     except P2NError:
         raise
     except (OSError, KeyError, ValueError) as e:

@@ -43,7 +43,14 @@ from p2n.nerf.field import NeRFField
 from p2n.nerf.fit import evaluate
 from p2n.nerf.params import check_finite, load_params, save_params
 from p2n.nerf.render import OccupancyGrid, render_rays, sample_step
-from p2n.refine.guidance import GUIDANCES, Guidance, GuidanceContext, UnknownGuidance, build_guidance
+from p2n.refine.guidance import (
+    GUIDANCES,
+    Guidance,
+    GuidanceContext,
+    GuidanceInputError,
+    UnknownGuidance,
+    build_guidance,
+)
 from p2n.refine.init import GeneratorLike, initial_params
 from p2n.refine.multiview import PosedViews, ViewBatch
 from p2n.refine.target import RefineTarget, camera_angles
@@ -71,6 +78,15 @@ class RefineResult:
 
     def evaluations(self) -> list[dict]:
         return [r for r in self.curve if "psnr_test" in r]
+
+
+def _num(x):
+    """NaN / inf as None (recursively), so the JSON we write stays strict."""
+    if isinstance(x, dict):
+        return {k: _num(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_num(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def smooth(values: list[float], alpha: float = 0.5) -> list[float]:
@@ -137,6 +153,20 @@ def _ray_source(guidance: Guidance, target: RefineTarget, cfg: P2NConfig, device
     return RandomViews(target, cfg, device)
 
 
+def _check_context(guide: Guidance, source) -> None:
+    """Fail before the first step (and with a hint about the command line) when the target lacks what the guidance
+    conditions on: sds needs a prompt, zero123 a reference image."""
+    check = getattr(guide, "check_context", None)
+    if check is None or not isinstance(source, RandomViews):
+        return
+    batch = source.sample(torch.Generator().manual_seed(0))
+    try:
+        check(batch.ctx, batch.shape[0])
+    except GuidanceInputError as e:
+        raise RefineError(f"{e}; for {source.target.name!r}: a prompt comes from --prompt, --scene or a --data "
+                          "folder with captions, a reference image from --image, --scene or --data") from None
+
+
 def lr_at(step: int, total: int, cfg: P2NConfig) -> float:
     """Learning rate of step ``step`` (1-based) of ``total``: linear warm-up, then exponential decay."""
     rc = cfg.refine
@@ -190,7 +220,7 @@ def save_checkpoint(ckpt_dir: Path, state: _State, key: dict, cfg: P2NConfig) ->
     tensors.update({f"grid.{k}": v.detach().cpu().contiguous() for k, v in state.grid.items()})
     save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": CKPT_FORMAT, "step": str(state.step)})
     doc = {"format": CKPT_FORMAT, "step": state.step, "total_steps": state.total_steps, **key,
-           "seconds": state.seconds, "ema": state.ema, "psnr_start": state.psnr_start, "curve": state.curve}
+           "seconds": state.seconds, "ema": state.ema, "psnr_start": _num(state.psnr_start), "curve": _num(state.curve)}
     (tmp / "state.json").write_text(json.dumps(doc))
     old = ckpt_dir.with_name(ckpt_dir.name + ".old")
     if old.exists():
@@ -229,7 +259,8 @@ def load_checkpoint(ckpt_dir: Path, key: dict, cfg: P2NConfig) -> _State | None:
                   rng_loop=tensors["rng.loop"], rng_guidance=tensors.get("rng.guidance"),
                   grid={k[5:]: v for k, v in tensors.items() if k.startswith("grid.")},
                   curve=doc["curve"], seconds=float(doc["seconds"]), ema=doc.get("ema"),
-                  psnr_start=float(doc.get("psnr_start", float("nan"))), total_steps=int(doc["total_steps"]))
+                  psnr_start=float("nan") if doc.get("psnr_start") is None else float(doc["psnr_start"]),
+                  total_steps=int(doc["total_steps"]))
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -263,6 +294,7 @@ def refine(init: Tensor, guidance: str | Guidance, target: RefineTarget, cfg: P2
     if init.numel() != nerf.num_params:
         raise RefineError(f"initial parameters have {init.numel()} values, the field needs {nerf.num_params}")
     source = _ray_source(guide, target, cfg, dev)
+    _check_context(guide, source)
     eval_views = _eval_subset(target, cfg)
     step_size = sample_step(cfg.field.aabb_scale, cfg.render.num_samples)
     key = _run_key(guide, cfg)
@@ -348,7 +380,10 @@ def refine(init: Tensor, guidance: str | Guidance, target: RefineTarget, cfg: P2
             on_step(step, rec)
         if bar:
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", **({"psnr": f"{psnr_last:.1f}"} if not math.isnan(psnr_last) else {}))
+            shown = {"loss": f"{rec['loss']:.4g}"}
+            if not math.isnan(psnr_last):
+                shown["psnr"] = f"{psnr_last:.1f}"
+            bar.set_postfix(**shown)
         if reached is not None:
             break
         if ckpt_dir is not None and rc.checkpoint_every and step % rc.checkpoint_every == 0 and step < steps:
@@ -405,9 +440,9 @@ def write_outputs(result: RefineResult, cfg: P2NConfig, out_dir: str | Path, met
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {**result.meta, **(meta or {}), "steps": result.steps, "seconds": result.seconds,
-            "psnr_start": result.psnr_start, "psnr_test": result.psnr_test}
+            "psnr_start": _num(result.psnr_start), "psnr_test": _num(result.psnr_test)}
     save_params(out / "params.safetensors", result.params, cfg.field, {k: v for k, v in meta.items() if v is not None})
-    (out / "curve.json").write_text(json.dumps({**meta, "curve": result.curve}, indent=1, default=float))
+    (out / "curve.json").write_text(json.dumps(_num({**meta, "curve": result.curve}), indent=1))
     plot_curve({meta.get("init", "refine"): result.curve}, out / "curve.png",
                title=f"{meta.get('init', '')} + {meta.get('guidance', '')}: {meta.get('target', '')}")
     save_turntable(result.params, cfg, out / "turntable.gif")
@@ -418,9 +453,9 @@ def refine_object(init: str, guidance: str | Guidance, target: RefineTarget | st
                   steps: int | None = None, out_dir: str | Path | None = None,
                   generator: GeneratorLike | None = None, resume: bool = False, stop_at_psnr: float | None = None,
                   progress: bool = False) -> RefineResult:
-    """Initialise (``generated`` / ``mean`` / ``scratch``), refine, and — with ``out_dir`` — write params.safetensors,
-    curve.json, curve.png, turntable.gif (and checkpoints in ``out_dir/ckpt``). ``target`` may be a procedural
-    caption or id."""
+    """Initialise (``generated`` / ``mean`` / ``scratch``), refine, and — with ``out_dir`` — write
+    params.safetensors, curve.json, curve.png, turntable.gif (and checkpoints in ``out_dir/ckpt``). ``target`` may
+    be a procedural caption or id."""
     from p2n.refine.target import from_scene
 
     if isinstance(target, str):

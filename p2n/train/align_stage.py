@@ -127,15 +127,15 @@ class AlignStage(Stage):
         obj = torch.cat(objs)
         latent_loss = (pred - self.target[obj]).pow(2).mean()
         loss = latent_loss
-        values = {"latent": float(latent_loss)}
+        values = {"latent": float(latent_loss.detach())}
         if self.bank is not None:
             params = self.vae.decode(pred * self.latent_std + self.latent_mean)
             r = render_loss(self.bank, params, [self.train_records[i] for i in obj.tolist()], ac.render_rays, gen)
             loss = loss + ac.render_weight * r
-            values["render"] = float(r)
+            values["render"] = float(r.detach())
         lr = lr_at(step, ac.lr, ac.warmup_steps, self.steps)
         self.engine.step(loss, lr)
-        values.update(loss=float(loss), lr=lr)
+        values.update(loss=float(loss.detach()), lr=lr)
         return values
 
     # ---- evaluation ----------------------------------------------------------------------------------------

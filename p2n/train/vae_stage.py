@@ -63,10 +63,10 @@ class VAEStage(Stage):
             decoded = self.model.denormalize(out["recon"].float())
             r = render_loss(self.bank, decoded, [self.train_records[i] for i in idx.tolist()], vc.render_rays, gen)
             loss = loss + vc.render_weight * r
-            values["render"] = float(r)
+            values["render"] = float(r.detach())
         lr = lr_at(step, vc.lr, vc.warmup_steps, self.steps)
         self.engine.step(loss, lr)
-        values.update(loss=float(loss), lr=lr)
+        values.update(loss=float(loss.detach()), lr=lr)
         return values
 
     # ---- evaluation ----------------------------------------------------------------------------------------

