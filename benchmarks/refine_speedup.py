@@ -84,6 +84,10 @@ def _strict(x):
     return "inf" if isinstance(x, float) and math.isinf(x) else x
 
 
+def _or(x: float | None, default: float) -> float:
+    return default if x is None else x
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None:
         return None
@@ -159,14 +163,14 @@ def run(args: argparse.Namespace) -> dict:
 
     def mean_of(init: str, key: str) -> float:
         # Not reached: counted as the whole budget (steps) / the whole run (seconds) -- flattering to that init.
-        vals = [o["inits"][init][key] if o["inits"][init][key] is not None else
-                (args.steps if key == "steps_to_target" else o["inits"][init]["seconds_run"]) for o in per_object]
-        return statistics.mean(vals)
+        return statistics.mean(_or(o["inits"][init][key], args.steps if key == "steps_to_target" else
+                                   o["inits"][init]["seconds_run"]) for o in per_object)
 
     steps = {i: round(mean_of(i, "steps_to_target"), 2) for i in order}
     secs = {i: round(mean_of(i, "seconds_to_target"), 3) for i in order}
     reached = {i: f"{sum(o['inits'][i]['reached'] for o in per_object)}/{len(per_object)}" for i in order}
-    per_ratio = [_ratio(o["inits"]["scratch"]["steps_to_target"], o["inits"]["generated"]["steps_to_target"])
+    per_ratio = [_ratio(o["inits"]["scratch"]["steps_to_target"],
+                        _or(o["inits"]["generated"]["steps_to_target"], args.steps))
                  for o in per_object if "generated" in o["inits"]]
     finite = [r for r in per_ratio if r is not None and math.isfinite(r) and r > 0]
     result = {

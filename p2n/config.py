@@ -173,7 +173,7 @@ class TrainConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-2 (optimizer state and gradients are partitioned from 1 / 2)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 with GPUs, fp32 on CPU
     seed: int = 0
-    checkpoint_every: int = 100  # steps between checkpoints (and always at the end)
+    checkpoint_every: int = 200  # steps between checkpoints (and always at the end)
     keep_checkpoints: int = 2
     max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
     log_every: int = 10  # steps between metric records (metrics.jsonl, loss.png)

@@ -31,7 +31,8 @@ if ! $SUDO apt-get install -y --no-install-recommends chromium >/tmp/p2n-install
   # Stale package lists are the usual cause: refresh them once and try again.
   $SUDO apt-get update >>/tmp/p2n-install-browser.log 2>&1
   if ! $SUDO apt-get install -y --no-install-recommends chromium >>/tmp/p2n-install-browser.log 2>&1; then
-    echo "install_browser: apt-get could not install chromium (log: /tmp/p2n-install-browser.log); the browser test will skip"
+    echo "install_browser: apt-get could not install chromium (log: /tmp/p2n-install-browser.log);"
+    echo "  the browser test will skip"
     tail -5 /tmp/p2n-install-browser.log; exit 0
   fi
 fi

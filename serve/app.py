@@ -415,7 +415,8 @@ class _Guard:
             if not given or not hmac.compare_digest(given.encode(), key.encode()):
                 return await reply(_error(401, "unauthorized", "missing or wrong API key; send 'Authorization: "
                                                                "Bearer KEY' or 'X-API-Key: KEY'"))
-        if method in ("POST", "PUT", "PATCH") and path.startswith("/v1/") and (length or "transfer-encoding" in headers):
+        has_body = bool(length) or "transfer-encoding" in headers
+        if method in ("POST", "PUT", "PATCH") and path.startswith("/v1/") and has_body:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
                 return await reply(_error(415, "unsupported_media_type",
@@ -550,9 +551,9 @@ class Ingress:
         if self._supervisor is None or self._supervisor.done():
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
-    async def _model(self) -> dict:
+    async def _model(self, timeout: float | None = None) -> dict:
         if self._info is None:
-            self._info = await self._call(lambda: self.generator.info.remote(), "Generator")
+            self._info = await self._call(lambda: self.generator.info.remote(), "Generator", timeout)
         return self._info
 
     async def _call(self, make, what: str, timeout: float | None = None):
@@ -575,18 +576,18 @@ class Ingress:
                     raise ApiError(422, out["p2n_error"]["code"], out["p2n_error"]["message"])
                 return out
 
-    def _deliver(self, name: str, data: bytes | list[bytes], media_type: str, delivery: str, gid: str,
-                 **meta: Any) -> dict:
+    async def _deliver(self, name: str, data: bytes | list[bytes], media_type: str, delivery: str, gid: str,
+                       **meta: Any) -> dict:
         out: dict[str, Any] = {"media_type": media_type, **meta}
         if delivery == "url":
             if isinstance(data, list):
                 stem, ext = name.rsplit(".", 1)
                 names = [f"{stem}-{i:02d}.{ext}" for i in range(len(data))]
                 for n, d in zip(names, data):
-                    self.store.write(f"artefacts/{gid}/{n}", d)
+                    await asyncio.to_thread(self.store.write, f"artefacts/{gid}/{n}", d)
                 out["urls"] = [f"/v1/artefacts/{gid}/{n}" for n in names]
             else:
-                self.store.write(f"artefacts/{gid}/{name}", data)
+                await asyncio.to_thread(self.store.write, f"artefacts/{gid}/{name}", data)
                 out["url"] = f"/v1/artefacts/{gid}/{name}"
                 out["bytes"] = len(data)
         else:
@@ -605,7 +606,7 @@ class Ingress:
     async def healthz(self) -> JSONResponse:
         self._ensure_supervisor()
         try:
-            info = await self._model()
+            info = await self._model(timeout=10)
         except ApiError as e:
             return _error(503, "unavailable", f"the Generator is not ready: {e.detail}")
         return JSONResponse({"status": "ok", "version": API_VERSION, "layout_hash": info["model"]["layout_hash"]})
@@ -651,6 +652,10 @@ class Ingress:
         timings: dict[str, Any] = {"generate_ms": round(g["generate_ms"], 3), "batch_size": g["batch_size"],
                                    "generator_call_ms": round((t_gen - t0) * 1000, 3)}
         outputs: dict[str, Any] = {}
+
+        async def deliver(name: str, data: bytes | list[bytes], media_type: str, **meta: Any) -> dict:
+            return await self._deliver(name, data, media_type, body.delivery, gid, **meta)
+
         if "params" in body.outputs:
             from p2n.config import FieldConfig
             from p2n.nerf.params import params_to_bytes
@@ -658,8 +663,8 @@ class Ingress:
             field = FieldConfig(**info["cfg"]["field"])
             meta = {"prompt": body.prompt} if body.prompt is not None else {"source": "image"}
             blob = params_to_bytes(torch.from_numpy(g["params"]), field, {**meta, "checkpoint": self.ckpt})
-            outputs["params"] = self._deliver("params.safetensors", blob, "application/octet-stream", body.delivery,
-                                              gid, format="safetensors", num_params=int(g["params"].size),
+            outputs["params"] = await deliver("params.safetensors", blob, "application/octet-stream",
+                                              format="safetensors", num_params=int(g["params"].size),
                                               layout_hash=info["model"]["layout_hash"])
         if "latent" in body.outputs:
             outputs["latent"] = [round(float(x), 6) for x in g["latent"]]
@@ -672,26 +677,22 @@ class Ingress:
                   for k in kinds], return_exceptions=True)
             timings["render_ms"] = {}
             for kind, res in zip(kinds, results):
-                if isinstance(res, BaseException):
-                    if not isinstance(res, (P2NError, ApiError)):
-                        raise res
-                    if isinstance(res, ApiError):
-                        outputs[kind] = {"error": {"code": res.code, "message": res.detail}}
-                    else:
-                        cause = getattr(res, "cause", None) or res
-                        outputs[kind] = {"error": {"code": _snake(type(cause).__name__), "message": str(cause)}}
+                if isinstance(res, ApiError):  # this artefact failed (e.g. no surface to mesh); the rest stand
+                    outputs[kind] = {"error": {"code": res.code, "message": res.detail}}
                     continue
+                if isinstance(res, BaseException):
+                    raise res
                 timings["render_ms"][kind] = round(res["render_ms"], 1)
                 if kind == "views":
-                    outputs[kind] = self._deliver("view.png", res["data"], "image/png", body.delivery, gid,
-                                                  count=len(res["data"]), size=body.size)
+                    outputs[kind] = await deliver("view.png", res["data"], "image/png", count=len(res["data"]),
+                                                  size=body.size)
                 elif kind == "turntable":
-                    outputs[kind] = self._deliver("turntable.gif", res["data"], "image/gif", body.delivery, gid,
-                                                  frames=res["frames"], size=body.size)
+                    outputs[kind] = await deliver("turntable.gif", res["data"], "image/gif", frames=res["frames"],
+                                                  size=body.size)
                 else:
                     fmt = body.mesh_format
-                    outputs[kind] = self._deliver(f"mesh.{fmt}", res["data"], MEDIA_TYPES[f".{fmt}"], body.delivery,
-                                                  gid, format=fmt, vertices=res["vertices"], faces=res["faces"])
+                    outputs[kind] = await deliver(f"mesh.{fmt}", res["data"], MEDIA_TYPES[f".{fmt}"], format=fmt,
+                                                  vertices=res["vertices"], faces=res["faces"])
             timings["render_wall_ms"] = round((time.perf_counter() - t_r) * 1000, 1)
         timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return {"id": gid, "input": source, "outputs": outputs, "timings": timings,
@@ -768,18 +769,19 @@ class Ingress:
     async def _run_to_end(self, job_id: str) -> None:
         """Dispatch a job to a Refiner replica, and again (it resumes from its checkpoint) when that one dies."""
         try:
-            for _ in range(self.s.max_job_attempts + 1):
+            for attempt in range(self.s.max_job_attempts + 1):
                 try:
                     await self.refiner.run.remote(job_id)
                     return
                 except REPLICA_DIED as e:
                     log.warning("job %s: its Refiner replica died (%s); dispatching it again", job_id,
                                 type(e).__name__)
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0))
                 except Exception as e:  # the runner itself broke: record it, keep serving
                     log.exception("job %s: dispatch failed", job_id)
+                    error = {"code": "internal", "message": f"{type(e).__name__}: {e}"}
                     await asyncio.to_thread(self.jobs.update, job_id, state="failed", finished=time.time(),
-                                            owner=None, error={"code": "internal", "message": f"{type(e).__name__}: {e}"})
+                                            owner=None, error=error)
                     return
         finally:
             self._driving.pop(job_id, None)
@@ -967,12 +969,12 @@ def serve_forever(ckpt: str, host: str = "127.0.0.1", port: int = 8000, **start_
     import signal
     import threading
 
-    url = start(ckpt, host, port, **start_kwargs)
-    print(f"p2n serving {ckpt} at {url}  (web page {url}/, API docs {url}/docs); Ctrl-C stops", flush=True)
-    print(json.dumps({"url": url, "ckpt": ckpt, "docs": f"{url}/docs"}), flush=True)
     done = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
+        url = start(ckpt, host, port, **start_kwargs)
+        print(f"p2n serving {ckpt} at {url}  (web page {url}/, API docs {url}/docs); Ctrl-C stops", flush=True)
+        print(json.dumps({"url": url, "ckpt": ckpt, "docs": f"{url}/docs"}), flush=True)
         while not done.wait(1.0):
             pass
     except KeyboardInterrupt:

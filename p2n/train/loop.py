@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from p2n.config import P2NConfig
-from p2n.train.data import barrier, world
+from p2n.train.data import TrainError, barrier, world
 from p2n.train.engine import Engine
 from p2n.train.metrics import reduce_means
 
@@ -89,8 +89,6 @@ class Stage(abc.ABC):
         d = Path(directory)
         state = json.loads((d / STATE_FILE).read_text())
         if state.get("stage") != self.name:
-            from p2n.train.data import TrainError
-
             raise TrainError(f"checkpoint {directory} belongs to stage {state.get('stage')!r}, not {self.name!r}")
         self.engine.load(d)
         self.load_model(d)

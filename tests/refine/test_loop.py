@@ -307,6 +307,23 @@ def test_generated_and_mean_inits_through_the_real_generator(cfg, sphere, scratc
     assert psnr[-1] > psnr[0] + 1, psnr
 
 
+def test_benchmark_reads_steps_to_target_off_a_curve():
+    """benchmarks/refine_speedup.py interpolates the crossing between evaluations and holds early-stopped curves."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "refine_speedup.py"
+    spec = importlib.util.spec_from_file_location("refine_speedup", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    curve = [{"step": 0, "seconds": 0.0, "psnr_test": 10.0}, {"step": 5, "seconds": 1.0},
+             {"step": 10, "seconds": 2.0, "psnr_test": 20.0}, {"step": 20, "seconds": 6.0, "psnr_test": 30.0}]
+    assert bench.steps_to_target(curve, 25.0) == pytest.approx(15.0)
+    assert bench.steps_to_target(curve, 25.0, key="seconds") == pytest.approx(4.0)
+    assert bench.steps_to_target(curve, 5.0) == 0.0
+    assert bench.steps_to_target(curve, 31.0) is None
+    assert bench.held_curve(curve, [0, 5, 10, 15, 20, 30]) == [10.0, 10.0, 20.0, 20.0, 30.0, 30.0]
+
+
 def _generator_ckpt() -> str | None:
     env = os.environ.get("P2N_GENERATOR_CKPT")
     if env:

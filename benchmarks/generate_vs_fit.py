@@ -1,0 +1,92 @@
+"""Benchmark: one generation (a forward pass) vs a from-scratch fit to the same PSNR, and batch throughput.
+
+For each object (procedural, training split by default: the generator should reproduce what it learned), time the
+batch-1 forward pass, measure the generated NeRF's PSNR on the object's held-out views, then fit from the shared
+init with the multi-view loop until it reaches that PSNR and time it. Prints JSON: ``generate_ms``,
+``scratch_fit_ms_to_match``, ``speedup`` (averages over objects), ``per_object``, and ``prompts_per_second`` at
+batch 1, 8 and 32 with ``batch32_over_batch1``.
+
+    python benchmarks/generate_vs_fit.py --ckpt outputs/demo/train/align [--num-objects 4] [--set ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from p2n.config import load_config  # noqa: E402
+from p2n.generate import Generator  # noqa: E402
+from p2n.nerf.fit import evaluate  # noqa: E402
+from p2n.refine.loop import refine  # noqa: E402
+from p2n.refine.target import from_scene  # noqa: E402
+from p2n.scenes import catalogue  # noqa: E402
+
+
+def throughput(gen: Generator, prompts: list[str], batch: int, repeats: int = 3) -> float:
+    batch_prompts = (prompts * (batch // len(prompts) + 1))[:batch]
+    gen.from_prompts(batch_prompts)  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        gen.from_prompts(batch_prompts)
+    return batch * repeats / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="generator checkpoint (the --out of `p2n train align`)")
+    ap.add_argument("--num-objects", type=int, default=4)
+    ap.add_argument("--split", default="train", choices=["train", "heldout"])
+    ap.add_argument("--max-fit-steps", type=int, default=600)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    gen = Generator.load(args.ckpt, cfg)
+    cfg = gen.cfg
+    objs = [o for o in catalogue(cfg.scene, cfg.dataset.num_objects) if o.split == args.split][: args.num_objects]
+    per = []
+    for o in objs:
+        prompt = o.captions[0]
+        gen.from_prompts([prompt])  # warm-up
+        t = time.perf_counter()
+        params = gen.from_prompts([prompt]).params[0]
+        generate_ms = (time.perf_counter() - t) * 1000
+        target = from_scene(o.object_id, cfg)
+        gen_psnr = statistics.mean(evaluate(params, target.test, cfg))
+        t = time.perf_counter()
+        res = refine(_scratch(cfg), "multiview", target, cfg, steps=args.max_fit_steps,
+                     stop_at_psnr=gen_psnr)
+        fit_ms = (time.perf_counter() - t) * 1000
+        reached = bool(res.curve) and max(r.get("psnr_test", float("-inf")) or float("-inf") for r in res.curve) >= gen_psnr
+        per.append({"object_id": o.object_id, "prompt": prompt, "generated_psnr": round(gen_psnr, 2),
+                    "generate_ms": round(generate_ms, 2), "scratch_fit_ms_to_match": round(fit_ms, 1),
+                    "reached": reached, "speedup": round(fit_ms / generate_ms, 1)})
+    prompts = [o.captions[0] for o in objs] or ["a red cube"]
+    tp = {b: throughput(gen, prompts, b) for b in (1, 8, 32)}
+    print(json.dumps({
+        "generate_ms": round(statistics.mean(p["generate_ms"] for p in per), 2),
+        "scratch_fit_ms_to_match": round(statistics.mean(p["scratch_fit_ms_to_match"] for p in per), 1),
+        "speedup": round(statistics.mean(p["speedup"] for p in per), 1),
+        "prompts_per_second": {str(b): round(v, 1) for b, v in tp.items()},
+        "batch32_over_batch1": round(tp[32] / tp[1], 2),
+        "per_object": per,
+        "threads": torch.get_num_threads(),
+    }))
+
+
+def _scratch(cfg):
+    from p2n.nerf.field import init_params
+
+    return init_params(cfg.field, cfg.fit.init_seed)
+
+
+if __name__ == "__main__":
+    main()
