@@ -5,6 +5,8 @@ Stages (each writes under OUT/<stage>/; ``--stages`` picks a subset):
   train     stage 1 (VAE) then stage 2 (aligner) on Ray Train + DeepSpeed, 2 workers
   generate  prompts (training captions, an unseen paraphrase, an unseen colour x shape) → NeRFs, index.html gallery
   eval      generated vs mean-latent and nearest-caption baselines on held-out paraphrases and combinations
+  refine    a held-out object refined (multiview) from the generated NeRF and from scratch: curve.png
+  serve     Ray Serve on 127.0.0.1 with the demo checkpoint, one POST /v1/generate over HTTP, then stopped
 
 The demo runs a smaller config than the defaults (``DEMO_OVERRIDES``) so the whole pipeline fits in minutes on a
 2-core CPU; ``--set`` overrides it further.
@@ -123,7 +125,53 @@ def stage_eval(out: Path, cfg, summary: dict) -> None:
     summary["eval"] = json.loads((out / "report.json").read_text())["summary"]
 
 
-STAGES = {"dataset": stage_dataset, "train": stage_train, "generate": stage_generate, "eval": stage_eval}
+def stage_refine(out: Path, cfg, summary: dict) -> None:
+    from p2n.generate import Generator
+    from p2n.refine import compare_inits
+    from p2n.scenes import catalogue
+
+    ckpt = summary.get("train", {}).get("ckpt") or str(out.parent / "train" / "align")
+    gen = Generator.load(ckpt, cfg)
+    held = [o for o in catalogue(cfg.scene, cfg.dataset.num_objects) if o.split == "heldout"]
+    target = (held or catalogue(cfg.scene, 1))[0].object_id
+    out.mkdir(parents=True, exist_ok=True)
+    res = compare_inits(target, gen.cfg, 120, out / "curve.png", gen)
+    summary["refine"] = {"object_id": target, "curve": str(out / "curve.png"),
+                         "result": {k: _brief(v) for k, v in res.items()}}
+
+
+def _brief(r) -> dict:
+    return {"psnr_start": round(float(r.psnr_start), 2), "psnr_test": round(float(r.psnr_test), 2),
+            "steps": r.steps, "seconds": round(r.seconds, 1)}
+
+
+def stage_serve(out: Path, cfg, summary: dict) -> None:
+    import importlib
+    import time as _t
+
+    import httpx
+
+    app = importlib.import_module("serve.app")  # the Ray Serve adapter; p2n itself never imports ray
+    ckpt = summary.get("train", {}).get("ckpt") or str(out.parent / "train" / "align")
+    url = app.start(ckpt, "127.0.0.1", 8765, overrides=list(DEMO_OVERRIDES), store=str(out / "store"),
+                    log_level="WARNING")
+    try:
+        t = _t.perf_counter()
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": "a red cube", "outputs": ["params", "views"]},
+                       timeout=120)
+        ms = (_t.perf_counter() - t) * 1000
+        r.raise_for_status()
+        body = r.json()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "response.json").write_text(json.dumps({k: v for k, v in body.items() if k != "items"}, indent=1))
+        summary["serve"] = {"url": url, "status": r.status_code, "request_ms": round(ms, 1),
+                            "timings": body.get("timings")}
+    finally:
+        app.stop()
+
+
+STAGES = {"dataset": stage_dataset, "train": stage_train, "generate": stage_generate, "eval": stage_eval,
+          "refine": stage_refine, "serve": stage_serve}
 
 
 def run(args: argparse.Namespace) -> int:
