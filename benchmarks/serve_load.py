@@ -11,10 +11,14 @@ time series) with the maximum seen per deployment.
     python benchmarks/serve_load.py --rps 20 --seconds 30 --ckpt outputs/demo/train/align
     python benchmarks/serve_load.py --rps 20 --seconds 30 --url http://127.0.0.1:8000
     python benchmarks/serve_load.py --rps 20 --seconds 30 --tiny            # a tiny random checkpoint, built here
-    # a load that needs more replicas: renders on the Renderer, scaling up quickly
+    # loads that need more replicas (autoscaling set to react within seconds): renders on the Renderer ...
     python benchmarks/serve_load.py --tiny --rps 6 --seconds 40 --outputs views --views 4 --size 32 \\
         --set serve.renderer.max_replicas=3 --set serve.renderer.upscale_delay_s=1 \\
         --set serve.renderer.metrics_interval_s=1 --set serve.renderer.look_back_period_s=3
+    # ... or more text than one Generator replica keeps under one ongoing request
+    python benchmarks/serve_load.py --tiny --rps 60 --seconds 30 --set serve.generator.max_replicas=3 \\
+        --set serve.generator.target_ongoing_requests=1 --set serve.generator.upscale_delay_s=1 \\
+        --set serve.generator.metrics_interval_s=1 --set serve.generator.look_back_period_s=3
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ class VAEConfig:
     std_floor: float = 1e-3  # per-coordinate std below this counts as this when normalising parameters
     render_weight: float = 0.0  # weight of the decoded-render MSE (0: parameter reconstruction only)
     render_rays: int = 256  # rays per object per step for the render loss
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 8  # objects per step per worker
     lr: float = 3e-3
     warmup_steps: int = 20

@@ -539,6 +539,7 @@ class Ingress:
         self.store = ArtefactStore(self.s.store, storage_options)
         self.jobs = JobStore(self.store)
         self.ckpt = ckpt
+        self.app_name = serve.get_replica_context().app_name  # "p2n", or "default" under `serve run MODULE:app`
         self._info: dict | None = None
         self._driving: dict[str, asyncio.Task] = {}
         self._supervisor: asyncio.Task | None = None
@@ -626,7 +627,7 @@ class Ingress:
 
     @api.get("/v1/status", summary="replicas per deployment and active jobs")
     async def status(self) -> dict:
-        return {"deployments": await asyncio.to_thread(replica_counts),
+        return {"deployments": await asyncio.to_thread(replica_counts, self.app_name),
                 "active_jobs": len(await asyncio.to_thread(self.jobs.active_ids)), "time": time.time()}
 
     # ---- generation -----------------------------------------------------------------------------------------
