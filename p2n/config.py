@@ -178,8 +178,9 @@ class TrainConfig:
     max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
     log_every: int = 10  # steps between metric records (metrics.jsonl, loss.png)
     eval_every: int = 0  # steps between decoded-render evaluations (0: only at the end)
-    eval_objects: int = 8  # objects per split rendered for evaluation (bounds its cost)
+    eval_objects: int = 6  # objects per split rendered for evaluation (bounds its cost)
     eval_views: int = 4  # views per object rendered for evaluation
+
 
 @dataclass
 class GuidanceConfig:

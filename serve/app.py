@@ -901,8 +901,15 @@ def start(ckpt: str, host: str | None = None, port: int | None = None, *, config
     s = args.p2n_config().serve
     host, port = host or s.host, int(port if port is not None else s.port)
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=dashboard, logging_level="WARNING",
-                 log_to_driver=True)
+        for attempt in range(3):
+            try:
+                ray.init(address=address, num_cpus=num_cpus, include_dashboard=dashboard, logging_level="WARNING",
+                         log_to_driver=True)
+                break
+            except Exception as e:  # Ray gives a raylet only 30 s to register; a loaded machine can miss that
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise
+                ray.shutdown()
         _STARTED_RAY = True
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False,
