@@ -52,7 +52,7 @@ def evaluate_generator(gen: Generator, dataset, split: str | None = None, max_ob
     """Score generation and baselines on ``dataset`` (a ``p2n.data.DatasetReader``)."""
     from p2n.data import row_params, row_views
 
-    train_rows = dataset.rows(split="train")
+    train_rows = list(dataset.rows(split="train"))
     captions = [(c, i) for i, r in enumerate(train_rows) for c in list(r["captions"])[:2]]
     with torch.no_grad():
         cap_emb = gen.text_encoder.encode_text([c for c, _ in captions]) if captions else None
@@ -61,7 +61,7 @@ def evaluate_generator(gen: Generator, dataset, split: str | None = None, max_ob
     groups: list[tuple[str, dict, str]] = []
     splits = [split] if split else ["train", "heldout"]
     for sp in splits:
-        rows = dataset.rows(split=sp)[: max_objects or None]
+        rows = list(dataset.rows(split=sp))[: max_objects or None]
         for r in rows:
             if sp == "train":
                 for c in list(r["heldout_captions"])[:1]:

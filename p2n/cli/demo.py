@@ -46,7 +46,7 @@ def stage_dataset(out: Path, cfg, summary: dict) -> None:
     resume = (out / "manifest.json").exists()
     res = job.build(str(out), cfg, resume=resume, progress=True)
     ds = open_dataset(str(out))
-    rows = ds.rows(split="train")[:2]
+    rows = list(ds.rows(split="train"))[:2]
     turntables = []
     for r in rows:
         params, _ = row_params(r, cfg.field)
