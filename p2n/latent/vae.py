@@ -16,6 +16,19 @@ The only parts whose size grows with the parameter count are the two grouped lin
 weights), so the same design runs from tens of thousands of parameters (CPU tests) to millions (lower
 ``head_dim``, raise ``chunk_size`` to bound the token count); no dense ``P x hidden`` layer exists.
 
+Measured on 2 CPU cores (decoded-vs-fitted render PSNR gap on the training objects):
+
+* ``depth=0`` (the default: chunked linear encoder, per-token MLP decoder) learns far faster than a transformer
+  over the tokens: 17 objects of a 13.8 k-parameter field, 600 steps: gap 0.0 dB (depth 0) vs 1.6 dB (depth 1);
+  param MSE 1e-5 vs 0.016. Hence ``depth`` defaults to 0; the transformer stays available.
+* the log-variance starts at log(0.01): with the usual 0 the posterior noise hides the signal and the decoder
+  collapses to the mean object for hundreds of steps.
+* the render term (``vae.render_weight``) helps when training is short (150 steps: gap 8.0 -> 5.9 -> 4.4 dB for
+  weights 0 / 1 / 10) and at 600 steps pushes decoded renders *above* the fitted ones (gap -0.8 / -2.8 dB) —
+  but it trains on the dataset's stored views, which are also the evaluation views, and costs 2-3x per step.
+  Parameter reconstruction alone reaches a ~0 dB gap (0.0 dB at 600 steps there; 0.05 dB mean over the 21
+  training objects of the 32-object demo dataset, 229 k parameters, 300 steps), so it defaults to 0.
+
 :class:`ParamVAE` is the trainable ``nn.Module`` in normalised space (what DeepSpeed/DDP wrap);
 :class:`VAEModel` adds the normalisation, the field config and file I/O, and is what everything else uses:
 ``encode(params) -> mu``, ``decode(z) -> params``, ``interpolate(z0, z1, t)``, ``save``/``load_vae``.

@@ -103,7 +103,9 @@ _WIDE = {2: torch.int64, 4: torch.complex128}  # one machine word per table row:
 
 def _gather(table: Tensor, idx: Tensor, features: int) -> Tensor:
     wide = _WIDE.get(features)
-    if wide is not None and table.dtype == torch.float32 and table.is_contiguous():
+    if wide is not None and table.dtype == torch.float32:
+        if not table.is_contiguous() or table.storage_offset() % features:
+            table = table.clone()  # a row of a stacked batch can start mid-word; the wide view needs alignment
         return table.view(wide)[idx].view(torch.float32).reshape(*idx.shape, features)
     return table.view(-1, features)[idx]
 

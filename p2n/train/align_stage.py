@@ -19,6 +19,7 @@ Does not own: the aligner (``p2n.align.aligner``), the loop (``loop.py``), Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -53,7 +54,8 @@ class AlignStage(Stage):
                  vae_uri: str | None = None,
                  encoders: tuple[PromptEncoder, PromptEncoder | None] | None = None):
         super().__init__()
-        self.cfg, self.device, self.vae_uri = cfg, torch.device(device), vae_uri
+        self.cfg = dataclasses.replace(cfg, field=vae.field)  # the field the VAE decodes to
+        self.device, self.vae_uri = torch.device(device), vae_uri
         ac = cfg.align
         self.steps = ac.steps
         self.train_records, self.val_records = train, val
@@ -230,5 +232,5 @@ class AlignStage(Stage):
             else:
                 self.vae.cpu().save(vae_path, storage_options)
                 self.vae.to(self.device)
-        write_run_files(out_uri, self.history, "p2n train align", storage_options)
+        write_run_files(out_uri, self.history, "p2n train align", storage_options, self.cfg.to_dict())
         return {"model": path, "vae": vae_path}

@@ -7,7 +7,8 @@ call ``save(directory)`` on a fresh local directory and hand that directory to R
 ``report`` may be None (no checkpoints) or anything with that signature.
 
 A checkpoint directory holds ``model.safetensors`` (the stage's model file, loadable on its own),
-``trainer_state.json`` (step, metric history) and the optimizer state (``deepspeed/`` or ``optimizer.pt``).
+``config.json`` (the full run config), ``trainer_state.json`` (step, metric history) and the optimizer state
+(``deepspeed/`` in DeepSpeed's own format, or ``optimizer.pt``).
 
 Does not own: the models, losses, or Ray.
 """
@@ -28,6 +29,7 @@ from p2n.train.engine import Engine
 from p2n.train.metrics import reduce_means
 
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 
 Report = Callable[[dict[str, Any], Callable[[str], None]], None]
@@ -80,6 +82,7 @@ class Stage(abc.ABC):
         self.engine.save(d)
         if self.rank == 0:
             self.save_model(d)
+            (d / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=1))
             (d / STATE_FILE).write_text(json.dumps({"stage": self.name, "step": self.step, "world": self.world,
                                                     "history": self.history}))
         barrier()

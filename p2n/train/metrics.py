@@ -79,11 +79,14 @@ def _plain(v: Any) -> Any:
 
 
 def write_run_files(out_uri: str, history: list[dict[str, Any]], title: str,
-                    storage_options: dict[str, Any] | None = None) -> None:
-    """``OUT/metrics.jsonl`` (one JSON record per line) and ``OUT/loss.png`` (loss curves) from ``history``."""
+                    storage_options: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> None:
+    """``OUT/metrics.jsonl`` (one JSON record per line), ``OUT/loss.png`` (loss curves) from ``history``, and
+    ``OUT/config.json`` (the run's config) when given."""
     from p2n.viz import plot_curves
 
     fs, root = storage.url_to_fs(out_uri, storage_options)
+    if config is not None:
+        storage.write_bytes_atomic(fs, storage.join(root, "config.json"), json.dumps(config, indent=1).encode())
     lines = "".join(json.dumps({k: _plain(v) for k, v in r.items()}) + "\n" for r in history)
     storage.write_bytes_atomic(fs, storage.join(root, "metrics.jsonl"), lines.encode())
     train = [r for r in history if r.get("kind") == "train"]

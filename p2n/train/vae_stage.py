@@ -10,6 +10,7 @@ Does not own: the model (``p2n.latent``), the loop (``loop.py``), Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +35,8 @@ class VAEStage(Stage):
     def __init__(self, cfg: P2NConfig, train: list[ObjectRecord], val: list[ObjectRecord], field: FieldConfig,
                  device: torch.device | str = "cpu", info: dict[str, Any] | None = None):
         super().__init__()
-        self.cfg, self.field, self.device = cfg, field, torch.device(device)
+        # the dataset's field, not whatever the caller's config says: it is what the parameters mean
+        self.cfg, self.field, self.device = dataclasses.replace(cfg, field=field), field, torch.device(device)
         self.train_records, self.val_records = train, val
         vc = cfg.vae
         self.steps = vc.steps
@@ -121,5 +123,5 @@ class VAEStage(Stage):
         model.info.update(steps=self.step, final_eval={k: v for k, v in final.items() if k != "kind"},
                           train=asdict(self.cfg.train))
         path = model.save(out_uri, storage_options)
-        write_run_files(out_uri, self.history, "p2n train vae", storage_options)
+        write_run_files(out_uri, self.history, "p2n train vae", storage_options, self.cfg.to_dict())
         return {"model": path}

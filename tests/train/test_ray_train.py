@@ -55,6 +55,8 @@ def test_vae_on_ray_deepspeed_survives_a_killed_worker(vae_run):
     ckpt = sorted(p for p in (out / "checkpoints" / "vae").glob("checkpoint_*") if p.is_dir())[-1]
     shards = sorted(p.name for p in (ckpt / "deepspeed" / "state").glob("*optim_states.pt"))
     assert len(shards) == 2, shards
+    assert json.loads((ckpt / "config.json").read_text())["vae"]["steps"] == 10  # weights + config JSON
+    assert json.loads((out / "config.json").read_text())["field"]["num_levels"] == 4  # the dataset's field
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "resume"] == [4]
     assert max(r["step"] for r in records if r["kind"] == "train") == 10
@@ -70,8 +72,9 @@ def test_align_on_ray_through_the_cli(vae_run, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "align"
     argv = ["train", "align", "--data", str(tiny_dataset), "--vae", str(vae_out), "--out", str(out),
             "--workers", "2"]
+    # text-only with the dependency-free encoder: minilm and tiny-clip are covered in test_align_local.py
     for kv in ("align.steps=8", "align.warmup_steps=2", "train.checkpoint_every=4", "train.eval_objects=2",
-               "train.eval_views=1", "field.num_levels=4"):
+               "train.eval_views=1", "align.text_encoder=hash", "align.image_encoder=null"):
         argv += ["--set", kv]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -81,3 +84,4 @@ def test_align_on_ray_through_the_cli(vae_run, tiny_dataset, tmp_path, capsys):
     bundle = load_aligner(str(out))
     z = bundle.latents_from_text(["a red pyramid"])
     assert z.shape == (1, bundle.vae.latent_dim) and bundle.info["num_train_objects"] == 8
+    assert bundle.image_encoder is None and bundle.cfg.text_encoder == "hash"
