@@ -146,12 +146,13 @@ def _brief(r) -> dict:
 
 
 def stage_serve(out: Path, cfg, summary: dict) -> None:
-    import importlib
     import time as _t
 
     import httpx
 
-    app = importlib.import_module("serve.app")  # the Ray Serve adapter; p2n itself never imports ray
+    from p2n.cli.serve import load_serve_app
+
+    app = load_serve_app()  # the Ray Serve adapter; p2n itself never imports ray
     ckpt = summary.get("train", {}).get("ckpt") or str(out.parent / "train" / "align")
     url = app.start(ckpt, "127.0.0.1", 8765, overrides=list(DEMO_OVERRIDES), store=str(out / "store"),
                     log_level="WARNING")
