@@ -20,6 +20,7 @@ from torch import Tensor
 
 from p2n.data import storage
 from p2n.errors import P2NError
+from p2n.nerf.params import safetensors_metadata
 
 FORMAT_VERSION = 1
 
@@ -64,16 +65,7 @@ def save_file(uri: str, tensors: dict[str, Tensor], kind: str, meta: dict[str, A
 
 
 def read_header(data: bytes, source: str) -> dict[str, str]:
-    if len(data) < 8:
-        raise CheckpointError(f"{source}: not a safetensors file ({len(data)} bytes)")
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or n > len(data) - 8:
-        raise CheckpointError(f"{source}: not a safetensors file (bad header length)")
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError as e:
-        raise CheckpointError(f"{source}: not a safetensors file ({e})") from None
-    return header.get("__metadata__") or {}
+    return safetensors_metadata(data, source, CheckpointError)
 
 
 def from_bytes(data: bytes, kind: str, source: str) -> tuple[dict[str, Tensor], dict[str, str]]:

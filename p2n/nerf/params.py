@@ -98,23 +98,24 @@ def save_params(path: str | Path, flat: Tensor, cfg: FieldConfig, extra: dict[st
     Path(path).write_bytes(params_to_bytes(flat, cfg, extra))
 
 
-def _header(data: bytes, source: str) -> dict[str, str]:
-    # safetensors' header is an 8-byte little-endian length followed by JSON; read it without trusting it.
+def safetensors_metadata(data: bytes, source: str, error: type[Exception] = ParamsError) -> dict[str, str]:
+    """The JSON metadata of safetensors bytes, read without trusting them; problems raise ``error``."""
+    # safetensors' header is an 8-byte little-endian length followed by JSON.
     if len(data) < 8:
-        raise ParamsError(f"{source}: not a safetensors file ({len(data)} bytes)")
+        raise error(f"{source}: not a safetensors file ({len(data)} bytes)")
     n = int.from_bytes(data[:8], "little")
     if n <= 0 or n > len(data) - 8:
-        raise ParamsError(f"{source}: not a safetensors file (bad header length)")
+        raise error(f"{source}: not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8:8 + n])
     except Exception as e:
-        raise ParamsError(f"{source}: not a safetensors file ({e})") from None
+        raise error(f"{source}: not a safetensors file ({e})") from None
     return header.get("__metadata__") or {}
 
 
 def params_from_bytes(data: bytes, expected: FieldConfig | None = None, source: str = "params") -> tuple[Tensor, FieldConfig, dict[str, str]]:
     """Load a parameter file's bytes; checks the format, layout and values. Returns (flat, field config, meta)."""
-    meta = _header(data, source)
+    meta = safetensors_metadata(data, source)
     if meta.get("format") != FORMAT:
         raise ParamsError(f"{source}: not a p2n NeRF parameter file (format={meta.get('format')!r}); "
                           "did you pass a model checkpoint instead of params.safetensors?")
