@@ -1,4 +1,5 @@
-"""ray_jobs/build_dataset.py as users run it: `ray job submit --working-dir . -- python ray_jobs/build_dataset.py`
+"""ray_jobs/ as users run them: `ray job submit --working-dir . -- python ray_jobs/build_dataset.py` (and
+`ray_jobs/train_vae.py`)
 against a local `ray start --head` cluster (127.0.0.1 only, free ports, its own temp dir).
 
 Teardown stops exactly the cluster this test started: `ray start --block` runs in its own process group, and the
@@ -135,3 +136,37 @@ def test_ray_job_submit_builds_a_dataset(cluster, tmp_path):
         assert not (pkg / ".venv").exists() and not (pkg / ".git").exists()
         size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
         assert size < 20 * 2**20, f"{size / 2**20:.1f} MiB uploaded"
+
+
+def test_ray_job_submit_trains_the_vae(cluster, tmp_path, tiny_dataset, tiny_cfg):
+    """Stage 1 as the cluster README runs it: `ray job submit ... -- python ray_jobs/train_vae.py --data DS --out OUT
+    --workers 2` (Ray Train + DeepSpeed, 2 workers over gloo), then the exported VAE reconstructs a dataset row."""
+    import torch
+
+    from p2n.data import open_dataset
+    from p2n.data.reader import row_params
+    from p2n.latent import decode, encode, load_vae
+
+    cfg_path = tmp_path / "tiny.yaml"
+    tiny_cfg.override(["vae.steps=60", "train.log_every=20", "train.checkpoint_every=30"]).to_yaml(cfg_path)
+    out = tmp_path / "vae"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", ".",
+           "--", "python", "ray_jobs/train_vae.py", "--data", str(tiny_dataset), "--out", str(out),
+           "--workers", "2", "--config", str(cfg_path)]
+    res = subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=420)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert "succeeded" in log.lower(), log[-4000:]
+    summary = next(json.loads(line) for line in log.splitlines() if line.startswith('{"stage"'))
+    assert summary["stage"] == "vae" and summary["workers"] == 2
+    m = summary["metrics"]
+    assert m["step"] == 60 and m["done"] is True, m
+    assert m["backend"] == "deepspeed" and m["engine"] == "DeepSpeedEngine" and m["comm_backend"] == "gloo", m
+    assert (out / "vae.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    assert Path(summary["files"]["last_checkpoint"]).is_dir(), summary["files"]
+
+    vae = load_vae(str(out))
+    row = next(open_dataset(str(tiny_dataset)).rows())
+    params = row_params(row)[0].unsqueeze(0)
+    recon = decode(vae, encode(vae, params))
+    assert recon.shape == params.shape and torch.isfinite(recon).all()
