@@ -116,7 +116,7 @@ def test_ray_job_submit_builds_a_dataset(cluster, tmp_path):
     out = tmp_path / "ds"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", ".",
            "--", "python", "ray_jobs/build_dataset.py", "--out", str(out), "--num-objects", "2", "--workers", "2",
-           "--config", str(cfg_path), "--no-progress"]
+           "--gpus-per-worker", "0", "--config", str(cfg_path), "--no-progress"]
     res = subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
@@ -152,7 +152,7 @@ def test_ray_job_submit_trains_the_vae(cluster, tmp_path, tiny_dataset, tiny_cfg
     out = tmp_path / "vae"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", ".",
            "--", "python", "ray_jobs/train_vae.py", "--data", str(tiny_dataset), "--out", str(out),
-           "--workers", "2", "--config", str(cfg_path)]
+           "--workers", "2", "--gpus-per-worker", "0", "--config", str(cfg_path)]
     res = subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=420)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
