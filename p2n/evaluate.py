@@ -17,11 +17,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from p2n.errors import P2NError
 from p2n.generate import Generator
 from p2n.metrics import psnr, ssim
 from p2n.nerf.render import composite
 
 METHODS = ("generated", "mean", "nearest")
+
+
+class EvalError(P2NError):
+    """A generator and a dataset that cannot be compared (e.g. different NeRF field layouts)."""
+
+
+def check_same_field(gen: Generator, dataset) -> None:
+    """Refuse a dataset fitted with another field layout than the checkpoint decodes to, before any work.
+
+    The nearest-caption baseline renders the dataset's own parameters through the checkpoint's field; a generator
+    is evaluated on the dataset (layout) it was trained on. Datasets without a manifest are checked per row."""
+    ds_field = getattr(dataset, "field_config", None)
+    if ds_field is None or ds_field.layout_hash() == gen.cfg.field.layout_hash():
+        return
+    diff = ", ".join(f"{k}: checkpoint {getattr(gen.cfg.field, k)} vs dataset {getattr(ds_field, k)}"
+                     for k in gen.cfg.field.__dataclass_fields__
+                     if k != "implementation" and getattr(gen.cfg.field, k) != getattr(ds_field, k))
+    raise EvalError(f"checkpoint {gen.source or '(in memory)'} decodes NeRFs with another field layout than the "
+                    f"dataset {getattr(dataset, 'uri', '')} was fitted with ({diff}); evaluate a generator on a "
+                    "dataset fitted with the field config it was trained on")
 
 
 @dataclass
@@ -52,6 +73,7 @@ def evaluate_generator(gen: Generator, dataset, split: str | None = None, max_ob
     """Score generation and baselines on ``dataset`` (a ``p2n.data.DatasetReader``)."""
     from p2n.data import row_params, row_views
 
+    check_same_field(gen, dataset)
     train_rows = list(dataset.rows(split="train"))
     captions = [(c, i) for i, r in enumerate(train_rows) for c in list(r["captions"])[:2]]
     with torch.no_grad():

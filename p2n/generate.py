@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -56,6 +57,11 @@ def decode_image(data: bytes, source: str = "image") -> Tensor:
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size  # header only: nothing decoded yet, so huge images are refused cheaply
+    except Image.DecompressionBombError as e:
+        # PIL refuses headers over twice its own pixel limit before we see the size; its message has the count.
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        n = f"{m.group(1)} pixels" if m else "too many pixels"
+        raise ImageError(f"{source}: {n} > {MAX_IMAGE_PIXELS} allowed; downscale it first") from None
     except Exception:
         raise ImageError(f"{source}: not a readable image (PNG, JPEG, ...)") from None
     if w * h > MAX_IMAGE_PIXELS:

@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from p2n.nerf.params import save_params
     from p2n.viz import image_grid, save_animation
 
+    if not args.no_video and args.frames < 1:
+        raise P2NError(f"--frames {args.frames}: need at least 1 turntable frame (or --no-video)")
+    if args.size is not None and args.size < 1:
+        raise P2NError(f"--size {args.size}: the render size must be a positive number of pixels")
     cfg = config_from_args(args)
     if args.prompts_file:
         try:

@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 2:
         raise P2NError(f"--steps {args.steps}: need at least 2 frames")
+    if args.size is not None and args.size < 1:
+        raise P2NError(f"--size {args.size}: the frame size must be a positive number of pixels")
+    if Path(args.out).suffix not in (".gif", ".mp4"):
+        raise P2NError(f"--out {args.out}: name the animation .gif or .mp4 (the format follows the extension)")
     cfg = config_from_args(args)
     gen = Generator.load(args.ckpt, cfg, args.device)
     z = gen.latents_from_prompts([args.src, args.dst])

@@ -97,6 +97,11 @@ def load_file(uri: str, kind: str, storage_options: dict[str, Any] | None = None
                               "(it holds vae.safetensors / align.safetensors)") from None
     except IsADirectoryError:
         raise CheckpointError(f"{uri} is a folder; expected a .safetensors file") from None
+    except NotADirectoryError:  # a plain file given where a checkpoint folder was expected
+        folder = str(uri).rsplit("/", 1)[0]
+        raise CheckpointError(f"no model file at {uri}: {folder} is not a folder") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {uri} ({e.strerror or e})") from None
     return from_bytes(data, kind, uri)
 
 
