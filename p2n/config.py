@@ -150,7 +150,8 @@ class AlignConfig:
     dropout: float = 0.0
     render_weight: float = 0.0  # weight of the decoded-render MSE (0: latent regression only)
     render_rays: int = 256
-    steps: int = 300
+    text_noise: float = 1.0  # training noise on text embeddings, relative to their norm (align_stage.jitter)
+    steps: int = 2000
     batch_size: int = 32  # prompts per step per worker
     lr: float = 1e-3
     warmup_steps: int = 20
