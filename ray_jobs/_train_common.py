@@ -63,6 +63,7 @@ def train(stage: str, data_uri: str, out_uri: str, cfg: P2NConfig, vae_uri: str 
     if stage not in STAGES:
         raise TrainError(f"unknown stage {stage!r}; use one of {STAGES}")
     opts = storage.parse_storage_options(storage_options)
+    data_uri, out_uri, vae_uri = storage.absolute(data_uri), storage.absolute(out_uri), storage.absolute(vae_uri)
     if workers is not None:
         cfg = cfg.override([f"train.workers={int(workers)}"])
     if gpus_per_worker is not None:

@@ -123,6 +123,7 @@ def build(out_uri: str, cfg: P2NConfig | None = None, num_objects: int | None = 
     Returns a summary dict (also printed as the JSON line of the CLI).
     """
     cfg = cfg or P2NConfig()
+    out_uri, catalogue = storage.absolute(out_uri), storage.absolute(catalogue)
     if catalogue is not None and num_objects is not None:
         raise DataError("pass one of --num-objects and --catalogue, not both")
     overrides = []

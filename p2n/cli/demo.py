@@ -178,7 +178,7 @@ STAGES = {"dataset": stage_dataset, "train": stage_train, "generate": stage_gene
 def run(args: argparse.Namespace) -> int:
     args.overrides = DEMO_OVERRIDES + list(args.overrides)
     cfg = config_from_args(args)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # Ray workers run elsewhere: every path they get is absolute
     out.mkdir(parents=True, exist_ok=True)
     chosen = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STAGES]

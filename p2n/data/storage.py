@@ -46,6 +46,14 @@ def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute (URIs with a scheme other than ``file`` unchanged). Ray workers do not run in
+    the driver's working directory, so a relative ``--out`` would land somewhere else."""
+    if not uri or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def _with_env(uri: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Fill an S3 endpoint from the AWS environment when the options name none (older botocore ignores it)."""
     if protocol_of(uri) not in _S3_PROTOCOLS:
