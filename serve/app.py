@@ -471,6 +471,10 @@ def _b64_image(value: str, s: ServeConfig, field: str = "image") -> bytes:
                                                "smaller image", field=field)
     try:
         w, h = Image.open(io.BytesIO(data)).size  # the header only
+    except Image.DecompressionBombError:
+        # Pillow refuses headers over twice its own pixel limit before the size can be read
+        raise ApiError(422, "image_too_large", f"{field}: more pixels than {s.max_image_pixels} allowed; downscale "
+                                               "it first", field=field) from None
     except Exception:
         raise ApiError(422, "invalid_image", f"{field}: not a readable image (PNG, JPEG, ...)", field=field) from None
     if w * h > s.max_image_pixels:

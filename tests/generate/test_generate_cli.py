@@ -16,17 +16,16 @@ from __future__ import annotations
 import json
 import math
 import resource
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pngs import png_header_only
 
 from p2n.cli import main
 from p2n.config import P2NConfig
@@ -73,18 +72,6 @@ def refused(capsys, command: str, *args) -> str:
     assert rc == 2, (rc, out, err)
     assert err.startswith(f"p2n {command}: error:") and "\n" not in err and "Traceback" not in err, err
     return err
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A 70-byte PNG that claims ``width`` x ``height`` RGB pixels (its data is a few bytes): what a decompression
-    bomb looks like before decoding."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
 
 
 def red_disc_png(path: Path, size: int = 48) -> Path:

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pngs import png_header_only
 
 from tiny_generator import SERVICE, free_port
 
@@ -235,6 +236,9 @@ MALFORMED = [
      "not a readable image"),
     ("one-pixel", "POST", G, {"json": {"image": b64(png(1, 1))}}, 422, "image_error", "too small"),
     ("huge-pixels", "POST", G, {"json": {"image": b64(BIG_PNG)}}, 422, "image_too_large", "pixels"),
+    # a 70-byte header claiming 20000x20000: Pillow refuses it before the size is known
+    ("bomb-header", "POST", G, {"json": {"image": b64(png_header_only(20000, 20000))}}, 422, "image_too_large",
+     "pixels"),
     ("huge-bytes", "POST", G, {"json": {"image": b64(os.urandom(300_000))}}, 422, "image_too_large", "bytes"),
     ("truncated-png", "POST", G, {"json": {"image": b64(TRUNCATED)}}, 422, "image_error", "corrupt"),
     ("data-url-not-image", "POST", G, {"json": {"image": "data:text/plain;base64,aGVsbG8="}}, 422, "invalid_image",
