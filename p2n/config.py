@@ -150,7 +150,9 @@ class AlignConfig:
     dropout: float = 0.0
     render_weight: float = 0.0  # weight of the decoded-render MSE (0: latent regression only)
     render_rays: int = 256
-    text_noise: float = 1.0  # training noise on text embeddings, relative to their norm (align_stage.jitter)
+    # Training noise on text embeddings, in units of the captions' spread (align_stage.embedding_spread). Measured
+    # on the demo data (minilm): unseen paraphrases 23.5 dB without it, 27.4 dB at 1.25; the objects' fits 27.7.
+    text_noise: float = 1.25
     steps: int = 2000
     batch_size: int = 32  # prompts per step per worker
     lr: float = 1e-3
