@@ -37,11 +37,27 @@ def slug(text: str, i: int) -> str:
     return f"{i:02d}-{s or 'prompt'}"
 
 
+def _true_views(prompt: str, gen, cameras):
+    """``(object id, ground-truth views [N, H, W, 3])`` when ``prompt`` names a procedural object ("a red cube",
+    "a blue ball on a green box", or an id), rendered exactly at ``cameras``; None for any other prompt."""
+    from p2n.errors import P2NError
+    from p2n.nerf.render import composite
+    from p2n.scenes import resolve_scene
+    from p2n.scenes.render import render_views
+
+    try:
+        spec = resolve_scene(prompt, gen.cfg.scene)
+    except (P2NError, ValueError):
+        return None
+    return spec.object_id, composite(render_views(spec, cameras, supersample=2).images, gen.cfg.render.background)
+
+
 def run(args: argparse.Namespace) -> int:
     from p2n.errors import P2NError
     from p2n.export import save_mesh
     from p2n.generate import Generator, decode_image
     from p2n.nerf.params import save_params
+    from p2n.nerf.render import psnr
     from p2n.viz import image_grid, save_animation
 
     if not args.no_video and args.frames < 1:
@@ -85,8 +101,17 @@ def run(args: argparse.Namespace) -> int:
         d = out / name
         d.mkdir(exist_ok=True)
         save_params(d / "params.safetensors", params, gen.cfg.field, {"prompt": label, "checkpoint": args.ckpt})
-        views = gen.render(params, gen.ring(8, args.size))
-        image_grid([list(views)], scale=2).save(d / "views.png")
+        ring = gen.ring(8, args.size)
+        views = gen.render(params, ring)
+        item: dict = {"prompt": label, "dir": str(d)}
+        truth = _true_views(label, gen, ring) if images is None else None
+        if truth is not None:
+            # a caption of a procedural object: score the generated NeRF against that object, views.png gets both
+            object_id, gt = truth
+            item.update(truth=object_id, psnr_vs_truth=round(float(psnr(views, gt).mean()), 2))
+            image_grid([list(gt), list(views)], scale=2).save(d / "views.png")
+        else:
+            image_grid([list(views)], scale=2).save(d / "views.png")
         files = ["params.safetensors", "views.png"]
         if not args.no_video:
             frames = gen.render(params, gen.ring(args.frames, args.size))
@@ -103,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                 files += ["mesh.ply", "mesh.glb"]
             except P2NError as e:
                 files.append(f"(no mesh: {e})")
-        items.append({"prompt": label, "dir": str(d), "files": files})
+        items.append({**item, "files": files})
     render_ms = (time.perf_counter() - t) * 1000
     (out / "generate.json").write_text(json.dumps({"items": items, "generate_ms": result.generate_ms,
                                                    "render_ms": render_ms}, indent=1))

@@ -85,10 +85,12 @@ def red_disc_png(path: Path, size: int = 48) -> Path:
 
 
 def tile(png: Path, i: int, side: int) -> np.ndarray:
-    """Image ``i`` of a one-row ``p2n.viz.image_grid`` (pad 2, scale 2) as float RGB."""
+    """Image ``i`` of the last row of a ``p2n.viz.image_grid`` (pad 2, scale 2) as float RGB: the generated views
+    (a prompt naming a procedural object has its true views in a row above)."""
     s = 2 * side
-    x = 2 + i * (s + 2)
-    return np.asarray(Image.open(png).convert("RGB"), np.float32)[2:2 + s, x:x + s]
+    grid = np.asarray(Image.open(png).convert("RGB"), np.float32)
+    x, y = 2 + i * (s + 2), grid.shape[0] - s - 2
+    return grid[y:y + s, x:x + s]
 
 
 # ---- generate ------------------------------------------------------------------------------------------------
@@ -114,7 +116,15 @@ def test_generate_one_prompt_writes_params_pictures_and_a_coloured_mesh(tmp_path
     expected = Generator.load(str(tiny_gen_ckpt), device="cpu").from_prompts(["a red cube"]).params[0]
     assert torch.allclose(flat, expected, atol=1e-6)  # the file holds what the generator made of the prompt
 
-    assert Image.open(d / "views.png").size == (8 * (48 + 2) + 2, 48 + 4)  # 8 views of 24 px, shown 2x
+    # "a red cube" names a procedural object: views.png shows its true views above the generated ones, and the
+    # generated NeRF (this checkpoint always decodes a green sphere) scores low against them
+    assert item["truth"] == "single/red/cube/s1-p0" and 5 < item["psnr_vs_truth"] < 20, item
+    grid = np.asarray(Image.open(d / "views.png").convert("RGB")).astype(int)
+    assert grid.shape == (2 * (48 + 2) + 2, 8 * (48 + 2) + 2, 3)  # 2 rows x 8 views of 24 px, shown 2x
+    truth_row, gen_row = grid[2:50], grid[52:100]
+    red = (truth_row[..., 0] > truth_row[..., 1] + 60).mean()
+    green = (gen_row[..., 1] > gen_row[..., 0] + 30).mean()
+    assert red > 0.05 and (gen_row[..., 0] > gen_row[..., 1] + 60).mean() < 0.01 and green > 0.02, (red, green)
     gif = Image.open(d / "turntable.gif")
     assert gif.n_frames == 6 and gif.size == (24, 24)
 
@@ -148,12 +158,15 @@ def test_two_prompts_are_generated_in_one_batch(tmp_path, capsys, tiny_gen_ckpt,
 
 def test_prompts_file_skips_blank_lines(tmp_path, capsys, tiny_gen_ckpt, gen_args):
     f = tmp_path / "prompts.txt"
-    f.write_text("a yellow torus\n\n   \na purple cone\n")
+    f.write_text("a yellow torus\n\n   \na wooden chair\n")
     rec = succeeds(capsys, "generate", "--ckpt", tiny_gen_ckpt, "--prompts-file", f, "--out", tmp_path / "o",
                    "--no-mesh", "--no-video", *gen_args)
-    assert [i["prompt"] for i in rec["items"]] == ["a yellow torus", "a purple cone"]
+    assert [i["prompt"] for i in rec["items"]] == ["a yellow torus", "a wooden chair"]
     assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_dir()) == ["00-a-yellow-torus",
-                                                                                "01-a-purple-cone"]
+                                                                                "01-a-wooden-chair"]
+    # only a prompt that names a procedural object has a ground truth to be scored against
+    assert rec["items"][0]["truth"] == "single/yellow/torus/s1-p0" and "truth" not in rec["items"][1]
+    assert "psnr_vs_truth" not in rec["items"][1]
 
 
 def test_image_prompt(tmp_path, capsys, tiny_gen_ckpt, gen_args, gen_field):
