@@ -72,3 +72,25 @@ def train_tiny_vae(dataset: str | Path, out: str | Path, cfg: P2NConfig | None =
     run(stage)
     stage.export(str(out))
     return out
+
+
+def write_random_generator(out: str | Path, cfg: P2NConfig, mean: torch.Tensor, seed: int = 0,
+                           note: str = "") -> Path:
+    """A small but real generator checkpoint (``vae.safetensors`` + ``align.safetensors``, what
+    ``p2n.generate.Generator.load`` reads) without training: seeded random VAE and aligner weights, with the VAE's
+    normalisation mean set to ``mean`` (fitted parameters of one object) and a 1 % std, so every decoded NeRF is
+    that object give or take a little — visible, with a surface to mesh."""
+    from p2n.align.aligner import Aligner, build_encoders, save_aligner
+    from p2n.latent.vae import VAEModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    vae = VAEModel(cfg.vae, cfg.field, mean=mean, std=torch.full_like(mean, 0.01))
+    text, image = build_encoders(cfg.align)
+    dims = {"text": text.dim, **({"image": image.dim} if image is not None else {})}
+    aligner = Aligner(cfg.align, dims, cfg.vae.latent_dim).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    vae.save(str(out))
+    save_aligner(str(out), aligner, torch.zeros(cfg.vae.latent_dim), torch.ones(cfg.vae.latent_dim), vae,
+                 info={"note": note})
+    return out

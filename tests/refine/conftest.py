@@ -37,12 +37,10 @@ def tiny_generator_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``p2n.generate.Generator.load``): seeded random VAE and aligner weights around the normalisation mean of a NeRF
     briefly fitted to "a green cube" (default field), so every decoded NeRF is that cube give or take 1 % — for a
     green sphere, a start that is roughly right, like a generator's guess for an object it never saw."""
-    pytest.importorskip("p2n.generate", reason="p2n/generate.py (the Generator) is not in this checkout yet")
-    from p2n.align.aligner import Aligner, build_encoders, save_aligner
     from p2n.config import P2NConfig
-    from p2n.latent.vae import VAEModel
     from p2n.nerf.fit import fit
     from p2n.refine.target import from_scene
+    from p2n.train.testing import write_random_generator
 
     cfg = P2NConfig().override([
         "scene.image_size=24", "scene.num_train_views=12", "scene.num_test_views=2", "render.num_samples=32",
@@ -54,14 +52,7 @@ def tiny_generator_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     try:
         mean = fit(from_scene("a green cube", cfg).train, cfg).params
-        torch.manual_seed(0)
-        vae = VAEModel(cfg.vae, cfg.field, mean=mean, std=torch.full_like(mean, 0.01))
-        text, image = build_encoders(cfg.align)
-        aligner = Aligner(cfg.align, {"text": text.dim, "image": image.dim}, cfg.vae.latent_dim).eval()
-        out = tmp_path_factory.mktemp("generator")
-        vae.save(str(out))
-        save_aligner(str(out), aligner, torch.zeros(cfg.vae.latent_dim), torch.ones(cfg.vae.latent_dim), vae,
-                     info={"note": "tests/refine: random weights over a fitted mean"})
+        return write_random_generator(tmp_path_factory.mktemp("generator"), cfg, mean,
+                                      note="tests/refine: random weights over a fitted mean")
     finally:
         torch.set_num_threads(saved)
-    return out

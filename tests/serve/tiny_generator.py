@@ -37,10 +37,9 @@ SERVICE = SCENE + ["refine.rays_per_step=512", "refine.eval_views=null", "refine
 
 def build_tiny_generator(out: Path, seed: int = 0) -> Path:
     """Write a small generator checkpoint (``align.safetensors`` + ``vae.safetensors``) to ``out``."""
-    from p2n.align.aligner import Aligner, build_encoders, save_aligner
-    from p2n.latent.vae import VAEModel
     from p2n.nerf.fit import fit
     from p2n.refine.target import from_scene
+    from p2n.train.testing import write_random_generator
 
     cfg = P2NConfig().override(FIELD + SCENE + MODEL + ["fit.steps=80", "fit.lr=0.03", "fit.rays_per_step=1024",
                                                         f"fit.seed={seed}"])
@@ -49,17 +48,9 @@ def build_tiny_generator(out: Path, seed: int = 0) -> Path:
     try:
         target = from_scene("a green sphere", cfg)
         mean = fit(target.train, cfg, target.test).params  # a real object: decoded NeRFs render and mesh
-        torch.manual_seed(seed)
-        vae = VAEModel(cfg.vae, cfg.field, mean=mean, std=torch.full_like(mean, 0.01))
-        text, image = build_encoders(cfg.align)
-        aligner = Aligner(cfg.align, {"text": text.dim, "image": image.dim}, cfg.vae.latent_dim).eval()
-        out.mkdir(parents=True, exist_ok=True)
-        vae.save(str(out))
-        save_aligner(str(out), aligner, torch.zeros(cfg.vae.latent_dim), torch.ones(cfg.vae.latent_dim), vae,
-                     info={"note": "tests/serve: random weights over a fitted mean"})
+        return write_random_generator(out, cfg, mean, seed, note="tests/serve: random weights over a fitted mean")
     finally:
         torch.set_num_threads(threads)
-    return out
 
 
 def free_port() -> int:
