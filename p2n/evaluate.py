@@ -20,6 +20,7 @@ from torch import Tensor
 from p2n.errors import P2NError
 from p2n.generate import Generator
 from p2n.metrics import psnr, ssim
+from p2n.nerf.params import layout_difference
 from p2n.nerf.render import composite
 
 METHODS = ("generated", "mean", "nearest")
@@ -37,9 +38,7 @@ def check_same_field(gen: Generator, dataset) -> None:
     ds_field = getattr(dataset, "field_config", None)
     if ds_field is None or ds_field.layout_hash() == gen.cfg.field.layout_hash():
         return
-    diff = ", ".join(f"{k}: checkpoint {getattr(gen.cfg.field, k)} vs dataset {getattr(ds_field, k)}"
-                     for k in gen.cfg.field.__dataclass_fields__
-                     if k != "implementation" and getattr(gen.cfg.field, k) != getattr(ds_field, k))
+    diff = layout_difference(gen.cfg.field, ds_field, "checkpoint", "dataset")
     raise EvalError(f"checkpoint {gen.source or '(in memory)'} decodes NeRFs with another field layout than the "
                     f"dataset {getattr(dataset, 'uri', '')} was fitted with ({diff}); evaluate a generator on a "
                     "dataset fitted with the field config it was trained on")

@@ -70,6 +70,14 @@ class ParamLayout:
         return torch.cat([params[n].reshape(-1) for n, _ in self.entries])
 
 
+
+def layout_difference(a: FieldConfig, b: FieldConfig, a_name: str, b_name: str) -> str:
+    """The field settings where two configs differ, e.g. ``log2_hashmap_size: file 12 vs config 11`` (the
+    implementation does not count: tcnn and torch share one layout)."""
+    return ", ".join(f"{k}: {a_name} {v} vs {b_name} {getattr(b, k)}" for k, v in asdict(a).items()
+                     if k != "implementation" and getattr(b, k) != v)
+
+
 def check_finite(flat: Tensor, what: str = "parameters") -> None:
     bad = (~torch.isfinite(flat)).sum().item()
     if bad:
@@ -126,10 +134,8 @@ def params_from_bytes(data: bytes, expected: FieldConfig | None = None, source: 
     except Exception as e:
         raise ParamsError(f"{source}: unreadable field config in metadata ({e})") from None
     if expected is not None and cfg.layout_hash() != expected.layout_hash():
-        diff = {k: (v, getattr(expected, k)) for k, v in asdict(cfg).items()
-                if k != "implementation" and getattr(expected, k) != v}
         raise ParamsError(f"{source}: parameter layout does not match the configured field: "
-                          + ", ".join(f"{k}: file {a} vs config {b}" for k, (a, b) in diff.items()))
+                          + layout_difference(cfg, expected, "file", "config"))
     try:
         flat = st_load(data)["params"]
     except Exception as e:
