@@ -100,6 +100,10 @@ class DatasetConfig:
     cpus_per_worker: float | None = None  # None: 1, or less on a small machine so Ray Data keeps a CPU slice free
     torch_threads: int | None = None  # per actor; None: the actor's whole CPUs (1 for a fractional CPU)
     objects_per_shard: int = 1  # rows per parquet file: also what a killed worker can lose and refit
+    # Batches handed to an actor at once: with 2 the next object is already there when a fit ends. With 1 the
+    # actor waits for the driver's scheduler between objects, 0.15-0.2 s when every core is fitting (measured:
+    # 24 objects on 2 workers, fit span 102.9 -> 98.7 s).
+    batches_in_flight: int = 2
     include_pairs: bool = True  # procedural catalogue: two-object compositions too
     max_retries: int = 3  # restarts of a dead fitting actor and retries of its batch
 

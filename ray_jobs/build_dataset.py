@@ -138,6 +138,8 @@ def build(out_uri: str, cfg: P2NConfig | None = None, num_objects: int | None = 
         raise DataError(f"--gpus-per-worker {ds_cfg.gpus_per_worker} must be >= 0")
     if ds_cfg.objects_per_shard < 1:
         raise DataError(f"dataset.objects_per_shard={ds_cfg.objects_per_shard} must be >= 1")
+    if ds_cfg.batches_in_flight < 1:
+        raise DataError(f"dataset.batches_in_flight={ds_cfg.batches_in_flight} must be >= 1")
     opts = storage.parse_storage_options(storage_options)
 
     # Everything that can be wrong with the input is checked before Ray starts.
@@ -216,6 +218,8 @@ def build(out_uri: str, cfg: P2NConfig | None = None, num_objects: int | None = 
         **{k: round(v, 3) for k, v in timing.items()},
         "objects_per_second": round(fitted / span, 4) if span > 0 else None,
         "actor_cpu_seconds": round(sum(r["cpu_seconds"] for r in summaries), 3),
+        "timeline": [{k: r[k] for k in ("object_id", "pid", "started", "finished", "cpu_seconds")}
+                     for r in sorted(summaries, key=lambda r: r["started"])],
     }
 
 
@@ -242,7 +246,8 @@ def _pipeline(pending: list[ObjectSource], cfg: P2NConfig, out_uri: str, opts: d
             fn_constructor_kwargs={"cfg": cfg.to_dict(), "out_uri": out_uri, "storage_options": opts,
                                    "torch_threads": threads, "kill_once": os.environ.get("P2N_BUILD_KILL_ONCE")},
             batch_size=per_shard,
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            compute=ray.data.ActorPoolStrategy(size=workers,
+                                               max_tasks_in_flight_per_actor=ds_cfg.batches_in_flight),
             num_cpus=cpus,
             num_gpus=ds_cfg.gpus_per_worker or None,
             max_restarts=ds_cfg.max_retries,
