@@ -218,8 +218,6 @@ def build(out_uri: str, cfg: P2NConfig | None = None, num_objects: int | None = 
         **{k: round(v, 3) for k, v in timing.items()},
         "objects_per_second": round(fitted / span, 4) if span > 0 else None,
         "actor_cpu_seconds": round(sum(r["cpu_seconds"] for r in summaries), 3),
-        "timeline": [{k: r[k] for k in ("object_id", "pid", "started", "finished", "cpu_seconds")}
-                     for r in sorted(summaries, key=lambda r: r["started"])],
     }
 
 
