@@ -105,3 +105,16 @@ def test_malformed_catalogue_is_a_clear_error(tmp_path, catalogue_dir, layout, m
 def test_too_many_procedural_objects_is_a_clear_error(tiny_cfg):
     with pytest.raises(DataError, match="--num-objects 100000"):
         procedural_sources(tiny_cfg, 100000)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dataset.batches_in_flight=0", "batches_in_flight=0 must be >= 1"),
+    ("dataset.objects_per_shard=0", "objects_per_shard=0 must be >= 1"),
+    ("dataset.workers=0", "need at least 1 fitting worker"),
+])
+def test_bad_build_settings_fail_before_ray_starts(tiny_cfg, tmp_path, override, message):
+    from ray_jobs.build_dataset import build
+
+    with pytest.raises(DataError, match=message):
+        build(str(tmp_path / "ds"), tiny_cfg.override([override]), num_objects=2)
+    assert not (tmp_path / "ds").exists()  # nothing was written
