@@ -51,7 +51,42 @@ class MiniLMEncoder(PromptEncoder):
         return len(self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
 
     def _encode_text(self, prompts: list[str]) -> Tensor:
-        return self.model.encode(
-            prompts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True,
-            show_progress_bar=False, device=str(self.device),
-        )
+        # A forward pass pads every prompt to the longest one, so a batch mixing short and long prompts runs in
+        # length buckets (one padded pass each): 32 catalogue captions of 5-11 tokens, 43 -> 36 ms on 2 cores.
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lengths.__getitem__)
+        out: list[Tensor | None] = [None] * len(prompts)
+        for lo, hi in length_buckets([lengths[i] for i in order], PASS_COST_TOKENS):
+            idx = order[lo:hi]
+            emb = self.model.encode(
+                [prompts[i] for i in idx], batch_size=self.batch_size, convert_to_tensor=True,
+                normalize_embeddings=True, show_progress_bar=False, device=str(self.device),
+            )
+            for i, e in zip(idx, emb):
+                out[i] = e
+        return torch.stack(out)  # type: ignore[arg-type]
+
+
+# What one extra forward pass costs, in padded tokens' worth of compute (MiniLM on a 2-core CPU: ~3 ms of fixed
+# cost per pass, ~0.12 ms per token at batch 32).
+PASS_COST_TOKENS = 25
+
+
+def length_buckets(sorted_lengths: list[int], pass_cost: int) -> list[tuple[int, int]]:
+    """Cut ascending token counts into runs ``[lo, hi)`` minimising sum(run size x its longest) + pass_cost per run
+    (each run is one padded forward pass). Cuts only fall where the length changes, so the search is quadratic in
+    the number of distinct lengths, not in the batch."""
+    n = len(sorted_lengths)
+    if n == 0:
+        return []
+    bounds = [0] + [k for k in range(1, n) if sorted_lengths[k] != sorted_lengths[k - 1]] + [n]
+    best = {0: 0.0}
+    back: dict[int, int] = {}
+    for j in bounds[1:]:
+        best[j], back[j] = min((best[i] + (j - i) * sorted_lengths[j - 1] + pass_cost, i)
+                               for i in bounds if i < j)
+    runs, j = [], n
+    while j > 0:
+        runs.append((back[j], j))
+        j = back[j]
+    return runs[::-1]

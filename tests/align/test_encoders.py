@@ -153,6 +153,41 @@ def test_minilm_understands_paraphrases(minilm):
     torch.testing.assert_close(minilm.encode_text(["a red cube"])[0], e[0], atol=1e-5, rtol=0)
 
 
+def test_minilm_length_buckets_keep_each_prompt_its_own_embedding(minilm):
+    """Mixed short and long prompts run in length buckets: every row must still be that prompt's embedding, in
+    the order given (compared with one prompt at a time, where no padding or bucketing happens)."""
+    prompts = ["a long and winding description of a small red cube sitting on top of a large blue sphere",
+               "a box", "a crimson cube", "an emerald ball resting on a chocolate brown cylinder", "a cone"]
+    together = minilm.encode_text(prompts)
+    alone = torch.cat([minilm.encode_text([p]) for p in prompts])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_length_buckets_are_optimal_and_cover_the_batch():
+    import itertools
+    import random
+
+    from p2n.align._minilm import length_buckets
+
+    def cost(lengths, runs, pass_cost):
+        return sum((hi - lo) * lengths[hi - 1] + pass_cost for lo, hi in runs)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted(rng.randint(3, 40) for _ in range(rng.randint(1, 9)))
+        pass_cost = rng.choice([0, 5, 25, 1000])
+        runs = length_buckets(lengths, pass_cost)
+        assert runs[0][0] == 0 and runs[-1][1] == len(lengths)
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(runs, runs[1:]))
+        # brute force over every set of cut points
+        best = min(cost(lengths, list(zip((0, *cuts), (*cuts, len(lengths)))), pass_cost)
+                   for r in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), r))
+        assert cost(lengths, runs, pass_cost) == best
+    assert length_buckets([], 25) == []
+    assert length_buckets([5, 5, 5], 25) == [(0, 3)]  # one length: one pass
+    assert length_buckets([5, 60], 25) == [(0, 1), (1, 2)]  # padding 5 -> 60 costs more than a second pass
+
+
 def test_text_only_encoders_refuse_images(minilm, hashenc):
     for enc in (minilm, hashenc):
         with pytest.raises(ImagesNotSupported, match="text-only"):
