@@ -52,19 +52,17 @@ class MiniLMEncoder(PromptEncoder):
 
     def _encode_text(self, prompts: list[str]) -> Tensor:
         # A forward pass pads every prompt to the longest one, so a batch mixing short and long prompts runs in
-        # length buckets (one padded pass each): 32 catalogue captions of 5-11 tokens, 43 -> 36 ms on 2 cores.
+        # length buckets (one padded pass each): 32 catalogue captions of 5-11 tokens, 48 -> 42 ms on 2 cores.
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lengths.__getitem__)
-        out: list[Tensor | None] = [None] * len(prompts)
-        for lo, hi in length_buckets([lengths[i] for i in order], PASS_COST_TOKENS):
-            idx = order[lo:hi]
-            emb = self.model.encode(
-                [prompts[i] for i in idx], batch_size=self.batch_size, convert_to_tensor=True,
-                normalize_embeddings=True, show_progress_bar=False, device=str(self.device),
-            )
-            for i, e in zip(idx, emb):
-                out[i] = e
-        return torch.stack(out)  # type: ignore[arg-type]
+        by_length = torch.cat([
+            self.model.encode([prompts[i] for i in order[lo:hi]], batch_size=self.batch_size, convert_to_tensor=True,
+                              normalize_embeddings=True, show_progress_bar=False, device=str(self.device))
+            for lo, hi in length_buckets([lengths[i] for i in order], PASS_COST_TOKENS)
+        ])
+        out = torch.empty_like(by_length)
+        out[torch.tensor(order, device=out.device)] = by_length  # back to the caller's order
+        return out
 
 
 # What one extra forward pass costs, in padded tokens' worth of compute (MiniLM on a 2-core CPU: ~3 ms of fixed
