@@ -24,6 +24,7 @@ from torch import Tensor
 from p2n.cameras import Views, rays
 from p2n.config import P2NConfig, resolve_device
 from p2n.errors import P2NError
+from p2n.malloc import keep_freed_memory
 from p2n.nerf.field import NeRFField, init_params
 from p2n.nerf.params import check_finite
 from p2n.nerf.render import OccupancyGrid, composite, psnr, render_image, render_rays, sample_step
@@ -124,6 +125,7 @@ def fit(train: Views, cfg: P2NConfig, test: Views | None = None, init: Tensor | 
         progress: bool = False, on_step: Callable[[int, dict], None] | None = None) -> FitResult:
     """Fit a NeRF to ``train`` views; report PSNR on ``test`` views. ``init`` overrides the shared init."""
     _check_views(train, "training")
+    keep_freed_memory()
     fc, rc = cfg.fit, cfg.render
     if fc.num_threads:
         torch.set_num_threads(fc.num_threads)

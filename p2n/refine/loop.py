@@ -39,6 +39,7 @@ from torch import Tensor
 from p2n.cameras import random_rig, rays
 from p2n.config import P2NConfig, resolve_device
 from p2n.errors import P2NError
+from p2n.malloc import keep_freed_memory
 from p2n.nerf.field import NeRFField
 from p2n.nerf.fit import evaluate
 from p2n.nerf.params import check_finite, load_params, save_params
@@ -288,6 +289,7 @@ def refine(init: Tensor, guidance: str | Guidance, target: RefineTarget, cfg: P2
         raise RefineError(f"steps={steps} must be >= 0")
     if rc.num_threads:
         torch.set_num_threads(rc.num_threads)
+    keep_freed_memory()
     guide = resolve_guidance(guidance, cfg)
     dev = torch.device(resolve_device(rc.device))
     nerf = NeRFField(cfg.field)
