@@ -84,6 +84,18 @@ def _strict(x):
     return "inf" if isinstance(x, float) and math.isinf(x) else x
 
 
+def _trained_on_pairs(args: argparse.Namespace, default: bool) -> bool:
+    """Draw held-out pairs only if the generator was trained with them: ``dataset.include_pairs`` from --set, else
+    from the checkpoint's own ``config.json`` (the demo's is singles only), else the config's."""
+    if any(o.split("=", 1)[0].strip() == "dataset.include_pairs" for o in args.overrides) or not args.ckpt:
+        return default
+    path = Path(args.ckpt) / "config.json"
+    try:
+        return bool(json.loads(path.read_text())["dataset"]["include_pairs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
 def _or(x: float | None, default: float) -> float:
     return default if x is None else x
 
@@ -103,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, BENCH_DEFAULTS + args.overrides)
     cfg = cfg.override([f"refine.eval_every={args.eval_every}"])
     generator = None
-    include_pairs = cfg.dataset.include_pairs
+    include_pairs = _trained_on_pairs(args, cfg.dataset.include_pairs)
     if any(i != "scratch" for i in inits):
         if not args.ckpt:
             raise SystemExit("--ckpt is required for the generated and mean initializations")
@@ -181,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
         "target": (f"{args.target_psnr} dB" if args.target_psnr is not None else
                    f"scratch's mean held-out PSNR over its last {args.target_window} evaluations"),
         "guidance": args.guidance,
+        "heldout_pairs": include_pairs,  # False: held-out single objects only (a generator trained on singles)
         "target_psnr_mean": round(statistics.mean(o["target_psnr"] for o in per_object), 3),
         "steps_to_target": steps,
         "seconds_to_target": secs,

@@ -1,7 +1,8 @@
 """``p2n demo``: the whole pipeline, small enough for a 2-core laptop, writing pictures to ``--out``.
 
 Stages (each writes under OUT/<stage>/; ``--stages`` picks a subset):
-  dataset   a small procedural dataset fitted on a local Ray (2 workers) + turntables of two fitted objects
+  dataset   the catalogue's first 32 single objects (one per colour x shape, canonical pose; 5 of them held out)
+            fitted on a local Ray (2 workers) + turntables of two fitted objects
   train     stage 1 (VAE) then stage 2 (aligner) on Ray Train + DeepSpeed, 2 workers
   generate  prompts (training captions, an unseen paraphrase, an unseen colour x shape) → NeRFs, index.html gallery
   eval      generated vs mean-latent and nearest-caption baselines on held-out paraphrases and combinations
@@ -9,7 +10,11 @@ Stages (each writes under OUT/<stage>/; ``--stages`` picks a subset):
   serve     Ray Serve on 127.0.0.1 with the demo checkpoint, one POST /v1/generate over HTTP, then stopped
 
 The demo runs a smaller config than the defaults (``DEMO_OVERRIDES``) so the whole pipeline fits in minutes on a
-2-core CPU; ``--set`` overrides it further.
+2-core CPU; ``--set`` overrides it further. Singles only: at 32 objects, mixing in two-object scenes (as the
+defaults do) left 9 single objects to learn colour and shape words from, and a prompt as plain as "a red cube"
+came out a dark green blob (15.7 dB); with 27 training singles it is a red cube. The VAE gets 400 steps at
+lr 4e-3 (defaults 300 / 3e-3): measured on this dataset in one process, that decodes the training objects at
+their fitted PSNR (gap -0.01 dB vs 3.3 dB) and held-out ones 0.2 dB better.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from p2n.cli.common import add_config_args, config_from_args, print_json
 
 DEMO_OVERRIDES = [
     "scene.image_size=32", "scene.num_train_views=24", "scene.num_test_views=6",
-    "fit.steps=150", "fit.target_psnr=null", "dataset.num_objects=32", "dataset.workers=2",
+    "fit.steps=130", "fit.target_psnr=null", "dataset.num_objects=32", "dataset.include_pairs=false",
+    "dataset.workers=2", "vae.steps=400", "vae.lr=4e-3",
 ]
 
 
@@ -73,7 +79,7 @@ def _demo_prompts(cfg) -> list[tuple[str, str]]:
     """(kind, prompt): training captions, an unseen paraphrase of a training object, an unseen combination."""
     from p2n.scenes import catalogue
 
-    objs = catalogue(cfg.scene, cfg.dataset.num_objects)
+    objs = catalogue(cfg.scene, cfg.dataset.num_objects, include_pairs=cfg.dataset.include_pairs)
     train = [o for o in objs if o.split == "train"]
     held = [o for o in objs if o.split == "heldout"]
     out = [("training caption", o.captions[0]) for o in train[:3]]
@@ -132,8 +138,9 @@ def stage_refine(out: Path, cfg, summary: dict) -> None:
 
     ckpt = summary.get("train", {}).get("ckpt") or str(out.parent / "train" / "align")
     gen = Generator.load(ckpt, cfg)
-    held = [o for o in catalogue(cfg.scene, cfg.dataset.num_objects) if o.split == "heldout"]
-    target = (held or catalogue(cfg.scene, 1))[0].object_id
+    objs = catalogue(cfg.scene, cfg.dataset.num_objects, include_pairs=cfg.dataset.include_pairs)
+    held = [o for o in objs if o.split == "heldout"]
+    target = (held or objs)[0].object_id
     out.mkdir(parents=True, exist_ok=True)
     res = compare_inits(target, gen.cfg, 120, out / "curve.png", gen)
     summary["refine"] = {"object_id": target, "curve": str(out / "curve.png"),

@@ -324,6 +324,23 @@ def test_benchmark_reads_steps_to_target_off_a_curve():
     assert bench.held_curve(curve, [0, 5, 10, 15, 20, 30]) == [10.0, 10.0, 20.0, 20.0, 30.0, 30.0]
 
 
+def test_benchmark_draws_heldout_pairs_only_for_a_generator_trained_on_them(tmp_path):
+    import argparse
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "refine_speedup.py"
+    spec = importlib.util.spec_from_file_location("refine_speedup", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": {"include_pairs": False}}))
+    args = argparse.Namespace(ckpt=str(tmp_path), overrides=[])
+    assert bench._trained_on_pairs(args, True) is False  # the checkpoint's own training config wins
+    args.overrides = ["dataset.include_pairs=true"]
+    assert bench._trained_on_pairs(args, True) is True  # unless --set names it
+    assert bench._trained_on_pairs(argparse.Namespace(ckpt=str(tmp_path / "none"), overrides=[]), True) is True
+
+
 def _generator_ckpt() -> str | None:
     env = os.environ.get("P2N_GENERATOR_CKPT")
     if env:
