@@ -23,4 +23,14 @@ fi
 "${pip[@]}" freeze | grep -iE '^torch==' > "$venv/constraints.txt"
 echo "[p2n] installing p2n[all] with $(cat "$venv/constraints.txt")" >&2
 "${pip[@]}" install -q -c "$venv/constraints.txt" -e "$root[all]"
+# On CPU, DeepSpeed compiles its shared-memory allreduce op the first time a training process group starts: ~30 s
+# of g++ on 2 cores inside the first training stage. Build it once here instead (cached in ~/.cache/torch_extensions).
+if ! "$venv/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "[p2n] building DeepSpeed's CPU shared-memory comm op" >&2
+  DS_ACCELERATOR=cpu "$venv/bin/python" -c "
+from deepspeed.accelerator import get_accelerator
+b = get_accelerator().create_op_builder('ShareMemCommBuilder')
+b is not None and b.load(verbose=False)" >/dev/null 2>&1 \
+    || echo "[p2n] note: the op did not build now; DeepSpeed builds it on first use (or falls back to gloo)" >&2
+fi
 echo "$want" > "$stamp"

@@ -28,7 +28,7 @@ from p2n.cli.common import add_config_args, config_from_args, print_json
 
 DEMO_OVERRIDES = [
     "scene.image_size=32", "scene.num_train_views=24", "scene.num_test_views=6",
-    "fit.steps=130", "fit.target_psnr=null", "dataset.num_objects=32", "dataset.include_pairs=false",
+    "fit.steps=120", "fit.target_psnr=null", "dataset.num_objects=32", "dataset.include_pairs=false",
     "dataset.workers=2", "vae.steps=400", "vae.lr=4e-3",
 ]
 
