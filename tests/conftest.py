@@ -28,7 +28,9 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny_cfg) -> Path:
-    return build_tiny_dataset(tmp_path_factory.getbasetemp() / "p2n-tiny-dataset", 10, tiny_cfg)
+    # The catalogue's first 11 singles: 9 training objects and 2 held-out colour x shape combinations
+    # (cyan sphere, brown cone), so evaluation has both splits.
+    return build_tiny_dataset(tmp_path_factory.getbasetemp() / "p2n-tiny-dataset", 11, tiny_cfg)
 
 
 @pytest.fixture(scope="session")

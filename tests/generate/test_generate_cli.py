@@ -375,10 +375,29 @@ def test_eval_writes_report_json_md_and_png(tmp_path, capsys, trained_gen_ckpt, 
         ("unseen_combo", "nearest"): 2}
     assert len(doc["rows"]) == 20
     assert all(math.isfinite(r["psnr"]) and 5 < r["psnr"] < 60 and 0 < r["ssim"] <= 1 for r in doc["rows"])
-    # The nearest baseline renders a fitted training object and the trained generator picks an object from the
-    # words: both must beat the mean latent (a swapped or mislabelled row would not).
-    para = summary["paraphrase"]
-    assert para["nearest"]["psnr"] > para["mean"]["psnr"] + 3 and para["generated"]["psnr"] > para["mean"]["psnr"] + 1
+    # Each "nearest" row scores one training object's own fitted parameters on the evaluated object's views, and
+    # no "mean" row does (a swapped or mislabelled row would fail). Which object is nearest depends on the text
+    # encoder, here random-weight tiny-clip, so the test checks the kind of row rather than its rank.
+    from p2n.data import open_dataset, row_params, row_views
+    from p2n.nerf.render import composite, psnr
+
+    gen = Generator.load(str(trained_gen_ckpt), P2NConfig().override(TINY_OVERRIDES))
+    ds = open_dataset(str(tiny_dataset))
+    fits = [row_params(r, gen.cfg.field)[0] for r in ds.rows(split="train")]
+    rows_by_id = {r["object_id"]: r for r in ds.rows()}
+
+    def fit_scores(object_id: str) -> list[float]:
+        views = row_views(rows_by_id[object_id])
+        gt = composite(views.images, gen.cfg.render.background)
+        return [float(psnr(gen.render(p, views.cameras), gt).mean()) for p in fits]
+
+    checked = 0
+    for r in doc["rows"]:
+        if r["group"] == "paraphrase" and r["method"] in ("nearest", "mean"):
+            best = min(abs(r["psnr"] - x) for x in fit_scores(r["object_id"]))
+            assert (best < 1e-3) == (r["method"] == "nearest"), (r, best)
+            checked += 1
+    assert checked == 4
 
     md = (out / "report.md").read_text()
     for g, ms in summary.items():

@@ -62,7 +62,7 @@ def test_vae_on_ray_deepspeed_survives_a_killed_worker(vae_run):
     assert max(r["step"] for r in records if r["kind"] == "train") == 10
     assert (out / "loss.png").stat().st_size > 1000
     vae = load_vae(str(out))
-    assert vae.info["steps"] == 10 and vae.info["num_train_objects"] == 8
+    assert vae.info["steps"] == 10 and vae.info["num_train_objects"] == 9
 
 
 def test_align_on_ray_through_the_cli(vae_run, tiny_dataset, tmp_path, capsys):
@@ -83,5 +83,5 @@ def test_align_on_ray_through_the_cli(vae_run, tiny_dataset, tmp_path, capsys):
     assert (out / "vae.safetensors").read_bytes() == (vae_out / "vae.safetensors").read_bytes()
     bundle = load_aligner(str(out))
     z = bundle.latents_from_text(["a red pyramid"])
-    assert z.shape == (1, bundle.vae.latent_dim) and bundle.info["num_train_objects"] == 8
+    assert z.shape == (1, bundle.vae.latent_dim) and bundle.info["num_train_objects"] == 9
     assert bundle.image_encoder is None and bundle.cfg.text_encoder == "hash"
