@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from p2n.config import load_config  # noqa: E402
-from p2n.generate import Generator  # noqa: E402
+from p2n.generate import Generator, trained_on_pairs  # noqa: E402
 from p2n.nerf.fit import evaluate  # noqa: E402
 from p2n.refine.loop import refine  # noqa: E402
 from p2n.refine.target import from_scene  # noqa: E402
@@ -55,7 +55,12 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     gen = Generator.load(args.ckpt, cfg)
     cfg = gen.cfg
-    objs = [o for o in catalogue(cfg.scene, cfg.dataset.num_objects) if o.split == args.split][: args.num_objects]
+    # Objects and captions of the kind the generator was trained on (the demo's: singles only).
+    pairs = cfg.dataset.include_pairs
+    if not any(o.split("=", 1)[0].strip() == "dataset.include_pairs" for o in args.overrides):
+        pairs = trained_on_pairs(args.ckpt, pairs)
+    objs = [o for o in catalogue(cfg.scene, cfg.dataset.num_objects, include_pairs=pairs)
+            if o.split == args.split][: args.num_objects]
     per = []
     for o in objs:
         prompt = o.captions[0]
@@ -74,7 +79,7 @@ def main() -> None:
                     "generate_ms": round(generate_ms, 2), "scratch_fit_ms_to_match": round(fit_ms, 1),
                     "reached": reached, "speedup": round(fit_ms / generate_ms, 1)})
     # 32 different captions (every object's own words, both splits), the same workload at every batch size.
-    captions = [c for o in catalogue(cfg.scene, None) for c in o.captions[:1]][:32]
+    captions = [c for o in catalogue(cfg.scene, None, include_pairs=pairs) for c in o.captions[:1]][:32]
     workload = (captions * (32 // len(captions) + 1))[:32]
     tp = {b: throughput(gen, workload, b) for b in (1, 8, 32)}
     print(json.dumps({
@@ -83,7 +88,7 @@ def main() -> None:
         "speedup": round(statistics.mean(p["speedup"] for p in per), 1),
         "prompts_per_second": {str(b): round(v, 1) for b, v in tp.items()},
         "batch32_over_batch1": round(tp[32] / tp[1], 2),
-        "throughput_workload": {"prompts": len(workload), "distinct": len(set(workload))},
+        "throughput_workload": {"prompts": len(workload), "distinct": len(set(workload)), "pairs": pairs},
         "per_object": per,
         "threads": torch.get_num_threads(),
     }))

@@ -87,13 +87,11 @@ def _strict(x):
 def _trained_on_pairs(args: argparse.Namespace, default: bool) -> bool:
     """Draw held-out pairs only if the generator was trained with them: ``dataset.include_pairs`` from --set, else
     from the checkpoint's own ``config.json`` (the demo's is singles only), else the config's."""
+    from p2n.generate import trained_on_pairs
+
     if any(o.split("=", 1)[0].strip() == "dataset.include_pairs" for o in args.overrides) or not args.ckpt:
         return default
-    path = Path(args.ckpt) / "config.json"
-    try:
-        return bool(json.loads(path.read_text())["dataset"]["include_pairs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return default
+    return trained_on_pairs(args.ckpt, default)
 
 
 def _or(x: float | None, default: float) -> float:

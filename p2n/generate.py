@@ -77,6 +77,18 @@ def decode_image(data: bytes, source: str = "image") -> Tensor:
     return torch.from_numpy(rgba[..., :3] * a + (1.0 - a))
 
 
+def trained_on_pairs(ckpt: str, default: bool) -> bool:
+    """Whether the checkpoint's training data had two-object scenes: ``dataset.include_pairs`` of the run config
+    that ``p2n train`` writes beside it (``config.json``); ``default`` when there is none (a bare file, a URI)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return bool(json.loads((Path(ckpt) / "config.json").read_text())["dataset"]["include_pairs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
 def check_prompts(prompts: Sequence[str], encoder) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
