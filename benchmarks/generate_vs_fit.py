@@ -56,9 +56,7 @@ def main() -> None:
     gen = Generator.load(args.ckpt, cfg)
     cfg = gen.cfg
     # Objects and captions of the kind the generator was trained on (the demo's: singles only).
-    pairs = cfg.dataset.include_pairs
-    if not any(o.split("=", 1)[0].strip() == "dataset.include_pairs" for o in args.overrides):
-        pairs = trained_on_pairs(args.ckpt, pairs)
+    pairs = trained_on_pairs(args.ckpt, cfg.dataset.include_pairs, args.overrides)
     objs = [o for o in catalogue(cfg.scene, cfg.dataset.num_objects, include_pairs=pairs)
             if o.split == args.split][: args.num_objects]
     per = []

@@ -89,9 +89,7 @@ def _trained_on_pairs(args: argparse.Namespace, default: bool) -> bool:
     from the checkpoint's own ``config.json`` (the demo's is singles only), else the config's."""
     from p2n.generate import trained_on_pairs
 
-    if any(o.split("=", 1)[0].strip() == "dataset.include_pairs" for o in args.overrides) or not args.ckpt:
-        return default
-    return trained_on_pairs(args.ckpt, default)
+    return trained_on_pairs(args.ckpt, default, args.overrides) if args.ckpt else default
 
 
 def _or(x: float | None, default: float) -> float:

@@ -77,12 +77,15 @@ def decode_image(data: bytes, source: str = "image") -> Tensor:
     return torch.from_numpy(rgba[..., :3] * a + (1.0 - a))
 
 
-def trained_on_pairs(ckpt: str, default: bool) -> bool:
+def trained_on_pairs(ckpt: str, default: bool, overrides: Sequence[str] = ()) -> bool:
     """Whether the checkpoint's training data had two-object scenes: ``dataset.include_pairs`` of the run config
-    that ``p2n train`` writes beside it (``config.json``); ``default`` when there is none (a bare file, a URI)."""
+    that ``p2n train`` writes beside it (``config.json``); ``default`` when there is none (a bare file, a URI) or
+    when ``overrides`` (``--set`` values) name that setting explicitly."""
     import json
     from pathlib import Path
 
+    if any(o.split("=", 1)[0].strip() == "dataset.include_pairs" for o in overrides):
+        return default
     try:
         return bool(json.loads((Path(ckpt) / "config.json").read_text())["dataset"]["include_pairs"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -212,14 +212,13 @@ def _heldout_combos(seed: int, fraction: float) -> frozenset[tuple[str, str]]:
     return frozenset(held)
 
 
-def _diagonal(seed: int) -> list[tuple[str, str]]:
+def _diagonal() -> list[tuple[str, str]]:
     """Every colour x shape once, ordered so any run of consecutive entries varies both colour and shape.
 
     Colours and shapes go in vocabulary order (the basic words first: red, orange, ...; sphere, cube, ...), so a
     small dataset is a prefix of the same objects under every seed; the seed picks the held-out combinations and
-    the pairs' partners. ``seed`` stays in the signature so the ids cache per seed like the rest.
+    the pairs' partners.
     """
-    del seed
     colors, shapes = list(COLORS), list(SHAPE_WORDS)
     nc, ns = len(colors), len(shapes)
     period = math.lcm(nc, ns)  # after each period shift the shape index, so non-coprime counts still cover all
@@ -228,7 +227,7 @@ def _diagonal(seed: int) -> list[tuple[str, str]]:
 
 @functools.lru_cache(maxsize=8)
 def _catalogue_ids(seed: int, include_pairs: bool) -> tuple[str, ...]:
-    diag = _diagonal(seed)
+    diag = _diagonal()
     singles = [single_id(c, s, size, pose) for size, pose in DEFAULT_SINGLE_VARIANTS for c, s in diag]
     pairs: list[str] = []
     if include_pairs:

@@ -307,14 +307,19 @@ def test_generated_and_mean_inits_through_the_real_generator(cfg, sphere, scratc
     assert psnr[-1] > psnr[0] + 1, psnr
 
 
-def test_benchmark_reads_steps_to_target_off_a_curve():
-    """benchmarks/refine_speedup.py interpolates the crossing between evaluations and holds early-stopped curves."""
+def _refine_benchmark():
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "refine_speedup.py"
     spec = importlib.util.spec_from_file_location("refine_speedup", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_reads_steps_to_target_off_a_curve():
+    """benchmarks/refine_speedup.py interpolates the crossing between evaluations and holds early-stopped curves."""
+    bench = _refine_benchmark()
     curve = [{"step": 0, "seconds": 0.0, "psnr_test": 10.0}, {"step": 5, "seconds": 1.0},
              {"step": 10, "seconds": 2.0, "psnr_test": 20.0}, {"step": 20, "seconds": 6.0, "psnr_test": 30.0}]
     assert bench.steps_to_target(curve, 25.0) == pytest.approx(15.0)
@@ -326,13 +331,9 @@ def test_benchmark_reads_steps_to_target_off_a_curve():
 
 def test_benchmark_draws_heldout_pairs_only_for_a_generator_trained_on_them(tmp_path):
     import argparse
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "refine_speedup.py"
-    spec = importlib.util.spec_from_file_location("refine_speedup", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _refine_benchmark()
     (tmp_path / "config.json").write_text(json.dumps({"dataset": {"include_pairs": False}}))
     args = argparse.Namespace(ckpt=str(tmp_path), overrides=[])
     assert bench._trained_on_pairs(args, True) is False  # the checkpoint's own training config wins
