@@ -1,6 +1,6 @@
 """How dataset building scales with fitting workers: objects/second with 1 and 2 workers on the same objects.
 
-    python benchmarks/dataset_scaling.py                      # 24 objects, 100-step fits, 1 vs 2 workers
+    python benchmarks/dataset_scaling.py                      # 32 objects, 100-step fits, 1 vs 2 workers
     python benchmarks/dataset_scaling.py --num-objects 16 --set fit.steps=400
 
 One local Ray (``--num-cpus``, default every core) is started once and reused, so ``ray.init`` is not timed. Each
@@ -33,8 +33,8 @@ DEFAULT_SET = ["fit.steps=100", "fit.target_psnr=null"]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-objects", type=int, default=24,
-                   help="objects fitted per run (default 24; with 8, the one object a worker is still fitting "
+    p.add_argument("--num-objects", type=int, default=32,
+                   help="objects fitted per run (default 32; with 8, the one object a worker is still fitting "
                         "when the other runs dry costs about 5%% of the span)")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: every core)")

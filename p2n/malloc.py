@@ -1,4 +1,4 @@
-"""Process-wide allocator settings for long CPU optimisation loops (fitting, refinement).
+"""Process-wide allocator settings for long CPU optimisation loops (fitting, refinement) and batched generation.
 
 A fitting step allocates tens of MB of temporaries (hash-grid corner indices and weights for every sample). glibc
 serves blocks that large with ``mmap`` and returns them on ``free``, so every step page-faults the same memory back
@@ -6,6 +6,8 @@ in and the kernel zeroes it again. Measured on the 2-core box (three A/B pairs o
 0.8 -> 0.25 s and wall time 2.5% lower with the settings below. Raising glibc's
 mmap and trim thresholds keeps those blocks in the heap for reuse, as ``MALLOC_MMAP_THRESHOLD_`` would, but from
 inside a process that is already running (a Ray actor cannot set its own environment before start-up).
+Generation has the same pattern: a batch of 32 decodes into ~30 MB of parameters; without the settings the
+batch-32 forward pass took 49.5 or 63.5 ms from one process to the next (the decoder 8 or 25 ms), with them 49.5.
 
 Owns :func:`keep_freed_memory` only. A no-op where glibc is not the allocator (macOS, Windows, musl).
 """

@@ -99,3 +99,22 @@ def test_an_interrupted_build_resumes_without_duplicates_or_losses(ray_session, 
 
     again = build_dataset.build(out, tiny_cfg, num_objects=n, workers=2, resume=True, progress=False)
     assert again["fitted"] == 0 and again["skipped"] == n
+
+
+def test_scheduling_poll_follows_the_quickest_object_and_is_restored():
+    from ray.data._internal.execution import streaming_executor_state as executor_state
+
+    default = executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+    with build_dataset._scheduler_poll() as adapt:
+        adapt(6.0)
+        assert executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == pytest.approx(0.6)
+        adapt(30.0)  # a slower object does not lengthen it: the quickest one bounds how late a completion is seen
+        assert executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == pytest.approx(0.6)
+        adapt(0.2)  # never below Ray's own default
+        assert executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == pytest.approx(default)
+    assert executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == default
+    with pytest.raises(RuntimeError), build_dataset._scheduler_poll() as adapt:
+        adapt(500.0)  # capped
+        assert executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == pytest.approx(build_dataset.MAX_POLL_S)
+        raise RuntimeError("a failed build")
+    assert executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == default  # restored on the way out of a failure
