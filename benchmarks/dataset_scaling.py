@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 record[f"fit_span_seconds_{w}"] = s["fit_span_seconds"]
                 record[f"pipeline_seconds_{w}"] = s["pipeline_seconds"]
                 record[f"psnr_test_median_{w}"] = s["psnr_test"]["median"]
+                record[f"worker_cpus_{w}"] = s["worker_cpus"]
                 # Share of W cores the actors actually got: well below 1 means other processes took the CPUs.
                 record[f"actor_cpu_utilisation_{w}"] = round(s["actor_cpu_seconds"] / (s["fit_span_seconds"] * w), 3)
     finally:

@@ -105,6 +105,9 @@ class DatasetConfig:
     # 24 objects on 2 workers, fit span 102.9 -> 98.7 s).
     batches_in_flight: int = 2
     include_pairs: bool = True  # procedural catalogue: two-object compositions too
+    # CPU actors bind their threads to cores no other p2n worker on the node holds (ray_jobs/cpu_slots.py): fewer
+    # cache-cold moves between cores while Ray's own processes run beside them.
+    pin_cpus: bool = True
     max_retries: int = 3  # restarts of a dead fitting actor and retries of its batch
 
 

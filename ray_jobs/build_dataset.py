@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable (see 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ray_jobs._common import ensure_repo_on_path, init_ray  # noqa: E402
+from ray_jobs.cpu_slots import claim_cpus, pin_threads  # noqa: E402
 
 ensure_repo_on_path()
 
@@ -52,6 +53,8 @@ class FitActor:
 
         torch.set_num_threads(torch_threads)
         config = P2NConfig.from_dict(cfg).override([f"fit.num_threads={torch_threads}"])
+        self.pin = torch_threads if config.dataset.pin_cpus and not config.dataset.gpus_per_worker else 0
+        self.cpus = claim_cpus(self.pin) if self.pin else None
         self.fitter = ObjectFitter(config, storage_options)
         self.out_uri = out_uri
         self.storage_options = storage_options
@@ -60,6 +63,9 @@ class FitActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from p2n.data.output import write_shard
 
+        if self.pin and self.cpus is None:  # cores still held by the actors of a build that just ended
+            self.cpus = claim_cpus(self.pin)
+        pin_threads(self.cpus)  # every call: Ray may run it on a thread started after __init__
         started, cpu0 = time.time(), time.process_time()
         n = len(batch["object_id"])
         sources = [ObjectSource(str(batch["object_id"][i]), str(batch["kind"][i]), str(batch["uri"][i]))
@@ -76,6 +82,7 @@ class FitActor:
             "seconds": [r["seconds"] for r in rows],
             "shard": [shard] * n,
             "pid": [os.getpid()] * n,
+            "cpus": [",".join(map(str, sorted(self.cpus or ())))] * n,  # "" when not pinned
             "started": [started] * n,
             "finished": [finished] * n,
             "cpu_seconds": [cpu / n] * n,  # this process's CPU time: < wall-clock when cores are shared
@@ -250,6 +257,7 @@ def build(out_uri: str, cfg: P2NConfig | None = None, num_objects: int | None = 
         "workers": ds_cfg.workers,
         "gpus_per_worker": ds_cfg.gpus_per_worker,
         "worker_pids": sorted({int(r["pid"]) for r in summaries}),
+        "worker_cpus": sorted({r["cpus"] for r in summaries if r["cpus"]}),  # cores the actors were pinned to
         **{k: round(v, 3) for k, v in timing.items()},
         "objects_per_second": round(fitted / span, 4) if span > 0 else None,
         "actor_cpu_seconds": round(sum(r["cpu_seconds"] for r in summaries), 3),
