@@ -9,7 +9,9 @@ pinned, with the actors' CPU per object back at the 1-worker figure.
 A claim is an exclusive ``flock`` on ``<tmp>/p2n-cpu-slots-<uid>/cpu<N>.lock``, held by an open file for the
 process's life, so the kernel releases it when the actor exits or is killed and a restarted actor can take it.
 Only cores in the process's own affinity mask (its cgroup/cpuset) are claimed; when fewer than ``n`` are free, or
-``n`` would be all of them, nothing is pinned. Linux only; elsewhere a no-op.
+``n`` would be all of them, nothing is pinned. Nor is anything pinned under a CFS CPU quota (a Kubernetes pod with
+a CPU limit but no exclusive cpuset): its affinity mask lists every core of the host, shared with other pods
+whose slot files it cannot see, so two pods could pin to one core. Linux only; elsewhere a no-op.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def claim_cpus(n: int, slot_dir: str | None = None) -> frozenset[int] | None:
     allowed = sorted(os.sched_getaffinity(0))
     if n >= len(allowed):
         return None  # pinned to every core it may use: the same as not pinned
+    if cpu_quota_limited():
+        return None
     slot_dir = slot_dir or os.path.join(tempfile.gettempdir(), f"p2n-cpu-slots-{os.getuid()}")
     try:
         os.makedirs(slot_dir, exist_ok=True)
@@ -54,6 +58,23 @@ def claim_cpus(n: int, slot_dir: str | None = None) -> frozenset[int] | None:
         return None
     _held.extend(f for _, f in got)
     return frozenset(cpu for cpu, _ in got)
+
+
+_QUOTA_FILES = ("/sys/fs/cgroup/cpu.max",  # cgroup v2: "max 100000" or "<quota> <period>"
+                "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us")  # v1: -1 = none
+
+
+def cpu_quota_limited(files: tuple[str, ...] = _QUOTA_FILES) -> bool:
+    """Whether this process's cgroup caps its CPU time with a CFS quota."""
+    for path in files:
+        try:
+            with open(path) as f:
+                quota = f.read().split()[0]
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1"):
+            return True
+    return False
 
 
 def pin_threads(cpus: frozenset[int] | None) -> None:

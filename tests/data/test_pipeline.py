@@ -4,12 +4,14 @@ a corrupt catalogue object, and resuming an interrupted run."""
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
 
 from p2n.data import DataError, open_dataset
 from p2n.data.info import dataset_info
+from ray_jobs.cpu_slots import cpu_quota_limited
 
 pytest.importorskip("ray")
 build_dataset = pytest.importorskip("ray_jobs.build_dataset")
@@ -27,6 +29,10 @@ def test_local_build_reads_back_everywhere_and_renders_at_recorded_psnr(ray_sess
     summary = build_dataset.build(out, tiny_cfg, num_objects=3, workers=2, progress=False)
     assert marker.exists(), "the fault was not injected"
     assert summary["fitted"] == 3 and summary["fitted_ok"] == 3 and summary["complete"] is True
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2 and not cpu_quota_limited():
+        # One torch thread per actor on a 2-CPU Ray: each actor pinned itself to one core it may use.
+        assert summary["worker_cpus"] and all(len(c.split(",")) == 1 for c in summary["worker_cpus"])
+        assert {int(c) for c in summary["worker_cpus"]} <= os.sched_getaffinity(0)
     # ... and still every object exactly once (a retried batch rewrites its shard if it had got that far):
     ds = open_dataset(out)
     assert ds.manifest["counts"]["ok"] == 3 and len(ds.shards) == 3
