@@ -16,7 +16,6 @@ whose slot files it cannot see, so two pods could pin to one core. Linux only; e
 
 from __future__ import annotations
 
-import fcntl
 import os
 import tempfile
 from typing import IO
@@ -28,6 +27,7 @@ def claim_cpus(n: int, slot_dir: str | None = None) -> frozenset[int] | None:
     """Claim ``n`` free cores for this process; the claimed set, or None when nothing was claimed."""
     if n < 1 or not hasattr(os, "sched_getaffinity"):
         return None
+    import fcntl  # POSIX only; sched_getaffinity above already means Linux
     allowed = sorted(os.sched_getaffinity(0))
     if n >= len(allowed):
         return None  # pinned to every core it may use: the same as not pinned
