@@ -18,7 +18,9 @@ Does not own: the models, losses or the loop.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,43 @@ from p2n.train.data import TrainError
 
 GRAD_CLIP = 1.0
 DS_TAG = "state"
+# torch builds DeepSpeed's ops (the CPU shared-memory comm op; fused optimisers on GPUs) under a ``lock`` file it
+# creates and deletes, and every later loader waits for that file to go, with no time limit. A worker killed while
+# holding it would hang every training start after it. No real build takes this long (the CPU op: ~30 s on 2 cores).
+STALE_BUILD_LOCK_S = 300.0
+
+log = logging.getLogger(__name__)
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, root: str | None = None,
+                            poll_s: float = 1.0) -> list[str]:
+    """Wait for torch extension build locks to go, and delete those older than ``max_age_s`` (their builder is
+    dead). ``root``: the extensions folder (default ``$TORCH_EXTENSIONS_DIR`` or torch's cache). Returns the
+    deleted paths."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    locks = [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]  # <root>/<op>/lock, <root>/py311_cpu/<op>/lock
+    removed = []
+    for lock in locks:
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                break  # gone: its build finished
+            if age <= max_age_s:
+                time.sleep(min(poll_s, max_age_s - age + 0.01))
+                continue
+            try:
+                lock.unlink()
+                removed.append(str(lock))
+                log.warning("removed %s, a torch extension build lock %.0f s old: the process that took it is gone",
+                            lock, age)
+            except OSError:
+                pass  # another worker removed it first
+            break
+    return removed
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -109,6 +148,7 @@ class DeepSpeedEngine(Engine):
         self.device, self.precision = device, resolve_precision(cfg, device)
         self.config = deepspeed_config(cfg, lr, weight_decay, batch_size, self.precision)
         params = [p for p in module.parameters() if p.requires_grad]
+        clear_stale_build_locks()
         try:
             self.raw, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=params,
                                                                   config=self.config)

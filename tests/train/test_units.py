@@ -1,6 +1,9 @@
 """The pieces of the training loop: schedules, seeded sampling, sharding, statistics, and exact resume."""
 
 import json
+import os
+import threading
+import time
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from p2n.data import open_dataset
 from p2n.latent import normalisation_stats
 from p2n.train import TrainError, VAEStage, lr_at, records_from_rows, run, shard_ids
 from p2n.train.data import global_stats, sample_indices, step_generator
-from p2n.train.engine import deepspeed_config
+from p2n.train.engine import clear_stale_build_locks, deepspeed_config
 
 
 def test_lr_schedule_warms_up_then_decays_to_its_floor():
@@ -83,3 +86,22 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one_exactly(tiny_dataset, ti
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["kind"] for r in resumed.history].count("resume") == 1
+
+
+def test_stale_torch_build_locks_are_cleared_and_fresh_ones_waited_for(tmp_path):
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"  # left by a worker killed mid-build
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    old = time.time() - 1000
+    os.utime(stale, (old, old))
+    fresh = tmp_path / "other_op" / "lock"  # a build in progress: wait for it, do not delete it
+    fresh.parent.mkdir()
+    fresh.touch()
+    threading.Timer(0.3, fresh.unlink).start()  # the live builder finishes
+    t = time.monotonic()
+    removed = clear_stale_build_locks(max_age_s=60, root=str(tmp_path), poll_s=0.05)
+    assert removed == [str(stale)] and not stale.exists()
+    assert 0.25 <= time.monotonic() - t < 10  # it waited for the live build, and not for the full max age
+    # a lock whose builder never finishes is removed once it is older than max_age_s
+    fresh.touch()
+    assert clear_stale_build_locks(max_age_s=0.2, root=str(tmp_path), poll_s=0.05) == [str(fresh)]
