@@ -28,6 +28,8 @@ echo "[p2n] installing p2n[all] with $(cat "$venv/constraints.txt")" >&2
 if ! "$venv/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "[p2n] building DeepSpeed's CPU shared-memory comm op" >&2
   DS_ACCELERATOR=cpu "$venv/bin/python" -c "
+from p2n.train.engine import clear_stale_build_locks
+clear_stale_build_locks()  # a lock left by a killed build would make the load below wait forever
 from deepspeed.accelerator import get_accelerator
 b = get_accelerator().create_op_builder('ShareMemCommBuilder')
 b is not None and b.load(verbose=False)" >/dev/null 2>&1 \
