@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 
 
 def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, root: str | None = None,
-                            poll_s: float = 1.0) -> list[str]:
+                            poll_s: float = 0.1) -> list[str]:
     """Wait for torch extension build locks to go, and delete those older than ``max_age_s`` (their builder is
     dead). ``root``: the extensions folder (default ``$TORCH_EXTENSIONS_DIR`` or torch's cache). Returns the
-    deleted paths."""
+    deleted paths. Polls as often as torch's own wait does (0.1 s): two ranks starting together each see the
+    other's short-lived lock, and a coarser poll would add its whole period to every training start."""
     if root is None:
         from torch.utils.cpp_extension import get_default_build_root
 
