@@ -101,7 +101,7 @@ def check_prompts(prompts: Sequence[str], encoder) -> list[str]:
         raise PromptError("no prompts given")
     if len(prompts) > MAX_BATCH:
         raise PromptError(f"{len(prompts)} prompts in one batch > {MAX_BATCH}; split the batch")
-    return [encoder.validate_prompt(p) for p in prompts]
+    return encoder.validate_prompts(prompts)
 
 
 class Generator:
@@ -109,7 +109,7 @@ class Generator:
 
     def __init__(self, bundle, cfg: P2NConfig | None = None, source: str = ""):
         self.bundle = bundle
-        self.vae = bundle.vae
+        self.vae = bundle.vae.freeze()  # a generator only decodes: fold the denormalisation into the decoder
         # The field layout is the VAE's: parameters it decodes only make sense in that layout.
         self.cfg = dataclasses.replace(cfg or P2NConfig(), field=self.vae.field)
         self.nerf = NeRFField(self.cfg.field)
@@ -157,7 +157,7 @@ class Generator:
         """One batched forward pass: prompts → parameter vectors [B, P]."""
         prompts = check_prompts(prompts, self.bundle.text_encoder)
         t = time.perf_counter()
-        z = self.bundle.latents_from_text(prompts)
+        z = self.bundle.latents_from_text(prompts, validated=True)
         params = self.vae.decode(z)
         return Generated(params.float(), z, (time.perf_counter() - t) * 1000)
 
@@ -192,7 +192,7 @@ class Generator:
 
     @torch.no_grad()
     def latents_from_prompts(self, prompts: Sequence[str]) -> Tensor:
-        return self.bundle.latents_from_text(check_prompts(prompts, self.bundle.text_encoder))
+        return self.bundle.latents_from_text(check_prompts(prompts, self.bundle.text_encoder), validated=True)
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:

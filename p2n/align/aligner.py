@@ -108,11 +108,12 @@ class AlignerBundle:
         return self.to_latent(out)
 
     @torch.no_grad()
-    def latents_from_text(self, prompts: Sequence[str]) -> Tensor:
-        """Prompts -> VAE latents ``[B, L]`` (decode with ``self.vae.decode``)."""
+    def latents_from_text(self, prompts: Sequence[str], validated: bool = False) -> Tensor:
+        """Prompts -> VAE latents ``[B, L]`` (decode with ``self.vae.decode``). ``validated``: the prompts come
+        from the text encoder's ``validate_prompts`` already, so they are not checked twice."""
         if self.text_encoder is None:
             raise CheckpointError("this aligner was loaded without its text encoder (build_encoders=False)")
-        return self.latents_from_embeddings(self.text_encoder.encode_text(list(prompts)), "text")
+        return self.latents_from_embeddings(self.text_encoder.encode_text(list(prompts), validated), "text")
 
     @torch.no_grad()
     def latents_from_images(self, images: Tensor | Sequence[Any]) -> Tensor:

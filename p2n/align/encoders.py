@@ -78,34 +78,37 @@ class PromptEncoder(abc.ABC):
             f"supports_images={self.supports_images}, device={str(self.device)!r})"
         )
 
+    def count_tokens_many(self, texts: list[str]) -> list[int]:
+        """`count_tokens` of each text; encoders with a batched tokenizer count a whole batch in one call."""
+        return [self.count_tokens(t) for t in texts]
+
     def validate_prompt(self, text: Any) -> str:
         """The prompt stripped of surrounding whitespace, or a PromptError saying what is wrong with it."""
-        if not isinstance(text, str):
-            raise PromptError(f"prompt must be a str, got {type(text).__name__}: {_short(text)}")
-        for i, ch in enumerate(text):
-            if ch not in _ALLOWED_CONTROL and unicodedata.category(ch) == "Cc":
-                raise PromptError(
-                    f"prompt contains control character U+{ord(ch):04X} at index {i}: {_short(text)}; "
-                    f"remove it (only tab and newline are allowed)"
-                )
-        stripped = text.strip()
-        if not stripped:
-            raise PromptError(f"empty prompt: got {text!r}; describe the object, e.g. 'a red cube'")
-        if self.context_length is not None:
-            n = self.count_tokens(stripped)
-            if n > self.context_length:
-                raise PromptTooLong(
-                    f"prompt has {n} tokens > {self.context_length} (the {self.name} encoder's context); "
-                    f"shorten the prompt: {_short(stripped)}"
-                )
-        return stripped
+        return self.validate_prompts([text])[0]
 
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        """[B, dim] float32 L2-normalised embeddings of `prompts` (each validated first)."""
+    def validate_prompts(self, prompts: Sequence[Any]) -> list[str]:
+        """Each prompt stripped, or a PromptError naming the first bad one (``prompts[i]: ...`` in a batch)."""
+        n = len(prompts)
+        clean = [_indexed(_check_text, p, i, n) for i, p in enumerate(prompts)]
+        if self.context_length is not None and clean:
+            for i, (text, count) in enumerate(zip(clean, self.count_tokens_many(clean))):
+                if count > self.context_length:
+                    _indexed(self._too_long, (text, count), i, n)
+        return clean
+
+    def _too_long(self, text_count: tuple[str, int]) -> str:
+        text, n = text_count
+        raise PromptTooLong(
+            f"prompt has {n} tokens > {self.context_length} (the {self.name} encoder's context); "
+            f"shorten the prompt: {_short(text)}"
+        )
+
+    def encode_text(self, prompts: Sequence[str], validated: bool = False) -> Tensor:
+        """[B, dim] float32 L2-normalised embeddings of `prompts` (validated first, unless the caller has just
+        done so with `validate_prompts` and says ``validated=True``)."""
         if isinstance(prompts, str):
             raise PromptError(f"encode_text takes a list of prompts, got the str {_short(prompts)}; pass [prompt]")
-        prompts = list(prompts)
-        clean = [_indexed(self.validate_prompt, p, i, len(prompts)) for i, p in enumerate(prompts)]
+        clean = list(prompts) if validated else self.validate_prompts(list(prompts))
         if not clean:
             return torch.empty(0, self.dim, device=self.device)
         with torch.no_grad():
@@ -277,6 +280,22 @@ def _no_argument(name: str, arg: str | None) -> None:
 def _short(value: Any, limit: int = 60) -> str:
     r = repr(value)
     return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _check_text(text: Any) -> str:
+    """A prompt's checks that need no tokenizer: a str, no control characters, not blank. Returns it stripped."""
+    if not isinstance(text, str):
+        raise PromptError(f"prompt must be a str, got {type(text).__name__}: {_short(text)}")
+    for i, ch in enumerate(text):
+        if ch not in _ALLOWED_CONTROL and unicodedata.category(ch) == "Cc":
+            raise PromptError(
+                f"prompt contains control character U+{ord(ch):04X} at index {i}: {_short(text)}; "
+                f"remove it (only tab and newline are allowed)"
+            )
+    stripped = text.strip()
+    if not stripped:
+        raise PromptError(f"empty prompt: got {text!r}; describe the object, e.g. 'a red cube'")
+    return stripped
 
 
 def _indexed(fn: Callable[[Any], str], value: Any, i: int, n: int) -> str:

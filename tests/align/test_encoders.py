@@ -163,6 +163,41 @@ def test_minilm_length_buckets_keep_each_prompt_its_own_embedding(minilm):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
 
 
+def test_minilm_packed_forward_equals_the_sentence_transformers_pipeline(minilm):
+    """The padding-free forward must give the library's own embeddings (padded encode: Transformer -> mean
+    Pooling -> Normalize) for short, long, unicode and near-context prompts, across several packs, in order."""
+    from p2n.align import _packed_bert
+
+    assert minilm.packed is not None
+    prompts = ["a red cube", "x", "une boîte rouge posée sur une sphère bleue 🟥",
+               "a long and winding description of a small red cube sitting on top of a large blue sphere",
+               "cube " * 250, "an emerald ball resting on a chocolate brown cylinder", "a cone"] * 5
+    assert sum(minilm.count_tokens_many(prompts)) > _packed_bert.PACK_TOKENS  # more than one pack
+    ours = minilm.encode_text(prompts)
+    ref = minilm.model.encode(prompts, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+    torch.testing.assert_close(ours, ref.float(), atol=2e-5, rtol=0)
+    assert minilm.count_tokens_many(prompts) == [minilm.count_tokens(p) for p in prompts]
+
+
+def test_packed_forward_is_refused_for_a_pipeline_it_does_not_reproduce(minilm):
+    """Another pooling (or model) than mean-pooled BERT: no packed forward, so the library's encode is used."""
+    from p2n.align._packed_bert import packed_bert
+
+    pooling = minilm.model[1]
+    mode = pooling.pooling_mode
+    try:
+        pooling.pooling_mode = "cls"
+        assert packed_bert(minilm.model) is None
+    finally:
+        pooling.pooling_mode = mode
+    assert packed_bert(minilm.model) is not None
+    assert packed_bert(object()) is None
+    padded = minilm._encode_text_padded(["a red cube", "a long sentence about a blue sphere on a box"])
+    torch.testing.assert_close(F.normalize(padded.float(), dim=-1),
+                               minilm.encode_text(["a red cube", "a long sentence about a blue sphere on a box"]),
+                               atol=2e-5, rtol=0)
+
+
 def test_length_buckets_are_optimal_and_cover_the_batch():
     import itertools
     import random
@@ -258,6 +293,8 @@ def test_prompt_too_long_counts_with_the_encoders_tokenizer(tiny, minilm):
     # WordPiece with [CLS]/[SEP]: 300 words -> 302 tokens > 256
     with pytest.raises(PromptTooLong, match="302 tokens > 256"):
         minilm.encode_text(["cube " * 300])
+    with pytest.raises(PromptTooLong, match=r"^prompts\[2\]: prompt has 302 tokens > 256"):  # counted as a batch
+        minilm.validate_prompts(["a red cube", "a box", "cube " * 300])
     assert isinstance(PromptTooLong("x"), PromptError)
 
 

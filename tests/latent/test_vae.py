@@ -62,6 +62,40 @@ def test_inference_decode_equals_the_autograd_decode(chunk_size):
     torch.testing.assert_close(x.detach() * vae.std + vae.mean, slow, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [128, 7])
+def test_a_frozen_vae_decodes_the_same_parameters_and_saves_the_same_file(chunk_size, tmp_path):
+    """freeze() folds the per-coordinate std/mean into the output layer: its decode must equal the autograd
+    decode with non-trivial statistics, grad mode on or off; z that needs a gradient still gets one through the
+    real weights; nothing folded reaches the file; training again drops the folded copy."""
+    base = small_vae()
+    torch.manual_seed(2)
+    mean, std = torch.randn(base.num_params), torch.rand(base.num_params) * 3 + 0.01
+    vae = VAEModel(replace(base.cfg, chunk_size=chunk_size), base.field, mean, std).eval()
+    for p in vae.net.dec_out.parameters():
+        torch.nn.init.normal_(p)
+    z = torch.randn(4, vae.latent_dim)
+    with torch.enable_grad():
+        slow = vae.decode(z).detach()
+    before = vae.fingerprint()
+    vae.freeze()
+    assert vae.folded_weight is not None and not any(p.requires_grad for p in vae.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z), slow, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(vae.decode(z), slow, rtol=1e-5, atol=1e-4)  # grad mode on, nothing needs one
+    zg = z.clone().requires_grad_(True)
+    out = vae.decode(zg)
+    out.sum().backward()
+    assert zg.grad is not None and float(zg.grad.abs().sum()) > 0
+    torch.testing.assert_close(out.detach(), slow, rtol=1e-5, atol=1e-4)
+    assert vae.fingerprint() == before and not any("folded" in k for k in vae.state_dict())
+    vae.save(str(tmp_path))
+    torch.testing.assert_close(load_vae(str(tmp_path)).decode(z), slow, rtol=1e-5, atol=1e-4)
+    vae.train()
+    assert vae.folded_weight is None
+    vae.eval().freeze().set_stats(torch.zeros_like(mean), torch.ones_like(std))
+    assert vae.folded_weight is None  # new statistics: the folded layer would be stale
+
+
 def test_loading_the_wrong_kind_of_file_is_a_clear_error(tmp_path):
     vae = small_vae()
     nerf = tmp_path / "params.safetensors"
