@@ -5,7 +5,8 @@ batch-1 forward pass, measure the generated NeRF's PSNR on the object's held-out
 init with the multi-view loop until it reaches that PSNR and time it. Prints JSON: ``generate_ms``,
 ``scratch_fit_ms_to_match``, ``speedup`` (averages over objects), ``per_object``, and ``prompts_per_second`` at
 batch 1, 8 and 32 with ``batch32_over_batch1`` (the same 32 catalogue captions pushed through in batches of each
-size).
+size), and what bounds that ratio on this machine: the batch-32 pass's matrix-product FLOPs over the measured
+fp32 matmul rate (``batch32_matmul_floor_ms``) and batch-1 time over that floor (``batch32_over_batch1_ceiling``).
 
     python benchmarks/generate_vs_fit.py --ckpt outputs/demo/train/align [--num-objects 4] [--set ...]
 """
@@ -41,6 +42,25 @@ def throughput(gen: Generator, workload: list[str], batch: int, repeats: int = 3
         for chunk in chunks:
             gen.from_prompts(chunk)
     return len(workload) * repeats / (time.perf_counter() - t)
+
+
+def matmul_floor(gen: Generator, workload: list[str]) -> dict[str, float]:
+    """Matrix-product FLOPs of one batch-32 forward pass (torch's FLOP counter: linear, bmm, attention) and the
+    time they take at least at the matmul rate this machine reaches on a BERT-sized product (fp32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        gen.from_prompts(workload)
+    flops = counter.get_total_flops()
+    a, b = torch.randn(256, 384), torch.randn(384, 1536)
+    for _ in range(20):
+        a @ b
+    n, t = 200, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    rate = 2 * 256 * 384 * 1536 * n / (time.perf_counter() - t)
+    return {"batch32_matmul_gflop": round(flops / 1e9, 3), "machine_matmul_gflops": round(rate / 1e9, 1),
+            "batch32_matmul_floor_ms": round(flops / rate * 1000, 2)}
 
 
 def main() -> None:
@@ -80,12 +100,17 @@ def main() -> None:
     captions = [c for o in catalogue(cfg.scene, None, include_pairs=pairs) for c in o.captions[:1]][:32]
     workload = (captions * (32 // len(captions) + 1))[:32]
     tp = {b: throughput(gen, workload, b) for b in (1, 8, 32)}
+    floor = matmul_floor(gen, workload)
     print(json.dumps({
         "generate_ms": round(statistics.mean(p["generate_ms"] for p in per), 2),
         "scratch_fit_ms_to_match": round(statistics.mean(p["scratch_fit_ms_to_match"] for p in per), 1),
         "speedup": round(statistics.mean(p["speedup"] for p in per), 1),
         "prompts_per_second": {str(b): round(v, 1) for b, v in tp.items()},
         "batch32_over_batch1": round(tp[32] / tp[1], 2),
+        # What batching can reach here at best: the batch-32 pass cannot beat its matrix products at this
+        # machine's measured matmul rate, so batch-1 time / that floor bounds the ratio from above.
+        **floor,
+        "batch32_over_batch1_ceiling": round(32 / tp[1] / (floor["batch32_matmul_floor_ms"] / 1000), 2),
         "throughput_workload": {"prompts": len(workload), "distinct": len(set(workload)), "pairs": pairs},
         "per_object": per,
         "threads": torch.get_num_threads(),

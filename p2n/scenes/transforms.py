@@ -5,8 +5,10 @@ Format, as read here: a json object with ``frames: [{file_path, transform_matrix
 OpenGL convention, the same as :mod:`p2n.cameras`) and pinhole intrinsics either as ``camera_angle_x`` (radians;
 ``camera_angle_y`` optional) or as ``fl_x, fl_y, cx, cy, w, h``, at the top level or per frame (per frame wins).
 ``file_path`` is relative to the json's folder and may omit the extension (Blender does). An optional ``p2n``
-block carries captions and the object id. Other keys (``aabb_scale``, ``camera_model``, ...) are ignored; lens
-distortion (``k1``, ``k2``, ...) is ignored with a warning.
+block carries captions and the object id. Lens distortion (``camera_model`` OPENCV / OPENCV_FISHEYE with ``k1..k4,
+p1, p2``, or instant-ngp's coefficients with ``is_fisheye``) is removed by resampling each image to the pinhole
+camera of the same intrinsics (``undistort.py``); a projection no pinhole image can hold (EQUIRECTANGULAR, ...)
+is refused. Other keys (``aabb_scale``, ``applied_transform``, ...) are ignored.
 
 Every problem with the input raises :class:`DatasetError` saying what is wrong, where, and how to fix it.
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,17 @@ from p2n.config import SceneConfig
 from p2n.errors import P2NError
 from p2n.scenes.catalogue import ObjectSpec
 from p2n.scenes.render import render_object
+from p2n.scenes.undistort import Lens, undistort
 from p2n.viz import to_uint8
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
-_DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+_RADIAL_KEYS = ("k1", "k2", "k3", "k4")
+_TANGENTIAL_KEYS = ("p1", "p2")
+# camera_model values (nerfstudio's, and COLMAP's for the same projections) -> undistort.py's models
+_CAMERA_MODELS = {"OPENCV": "perspective", "PERSPECTIVE": "perspective", "SIMPLE_RADIAL": "perspective",
+                  "RADIAL": "perspective", "PINHOLE": "perspective", "SIMPLE_PINHOLE": "perspective",
+                  "OPENCV_FISHEYE": "fisheye", "FISHEYE": "fisheye", "SIMPLE_RADIAL_FISHEYE": "fisheye",
+                  "RADIAL_FISHEYE": "fisheye"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's modes for 16-bit greyscale PNGs
 
 
@@ -54,7 +62,8 @@ def read_transforms(path: str | Path, split: str = "train",
     ``max_size``: downscale (area filter on premultiplied colour) so that max(H, W) <= max_size.
 
     Returns the views and a dict with ``path`` (the json), ``images`` (image paths), ``object_id`` and
-    ``captions`` from the optional ``p2n`` block (None and () when absent) and the raw ``p2n`` block.
+    ``captions`` from the optional ``p2n`` block (None and () when absent), the raw ``p2n`` block, and
+    ``undistorted`` (the lens models whose distortion was resampled away; empty for pinhole captures).
     """
     json_path = _find_json(Path(path), split)
     doc = _load_json(json_path)
@@ -68,7 +77,7 @@ def read_transforms(path: str | Path, split: str = "train",
 
     root = json_path.parent
     images, c2ws, intrinsics, paths = [], [], [], []
-    distorted: set[str] = set()
+    lenses: set[str] = set()
     first: tuple[Path, int, int] | None = None
     target: tuple[int, int] | None = None
     for i, frame in enumerate(frames):
@@ -89,20 +98,19 @@ def read_transforms(path: str | Path, split: str = "train",
             raise DatasetError(f"{image_path} is {w}x{h} but {first[0]} is {first[1]}x{first[2]}; all frames of "
                                f"one set must share a size: resize the images or split them into separate sets")
         intrinsics.append(_intrinsics(doc, frame, w, h, where))
-        distorted |= {k for k in _DISTORTION_KEYS for src in (doc, frame) if _nonzero(src.get(k))}
+        lens = _lens(doc, frame, where)
+        if not lens.is_pinhole:  # at full resolution, where the coefficients were calibrated
+            img = undistort(img, *intrinsics[-1], lens)
+            lenses.add(lens.model)
         images.append(_downscale(img, *target) if target != (w, h) else img)
         paths.append(str(image_path))
-    if distorted:
-        warnings.warn(f"{json_path}: lens distortion {sorted(distorted)} is ignored, so rays will be off near "
-                      f"the image borders; undistort the images first (e.g. with nerfstudio's ns-process-data)",
-                      stacklevel=2)
 
     fx, fy, cx, cy = (torch.tensor(v, dtype=torch.float32) for v in zip(*intrinsics, strict=True))
     cameras = Cameras(torch.stack(c2ws).float(), fx, fy, cx, cy, first[1], first[2])
     if target != (first[1], first[2]):
         cameras = cameras.resized(*target)
     info = {"path": str(json_path), "images": paths, "object_id": p2n_block.get("object_id"),
-            "captions": tuple(p2n_block.get("captions", ())), "p2n": p2n_block}
+            "captions": tuple(p2n_block.get("captions", ())), "p2n": p2n_block, "undistorted": sorted(lenses)}
     return Views(torch.stack(images), cameras), info
 
 
@@ -228,11 +236,35 @@ def _intrinsics(doc: dict, frame: dict, w: int, h: int, where: str) -> tuple[flo
     return fx, fy, w / 2 if cx is None else cx, h / 2 if cy is None else cy
 
 
-def _nonzero(v: Any) -> bool:
-    try:
-        return v is not None and float(v) != 0.0
-    except (TypeError, ValueError):
-        return True
+def _lens(doc: dict, frame: dict, where: str) -> Lens:
+    """The frame's lens: ``camera_model`` and coefficients, per frame over the top level (as intrinsics)."""
+    def value(key: str, default: Any = None) -> Any:
+        return frame[key] if key in frame else doc.get(key, default)
+
+    def coeff(key: str) -> float:
+        v = value(key, 0.0)
+        try:
+            x = float(0.0 if v is None else v)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{where}: distortion coefficient {key}={v!r} is not a number") from None
+        if not math.isfinite(x):
+            raise DatasetError(f"{where}: distortion coefficient {key}={x} is not finite")
+        return x
+
+    name = value("camera_model")
+    if name is None:  # instant-ngp: coefficients only, a flag for fisheye lenses
+        model = "fisheye" if value("is_fisheye", False) is True else "perspective"
+    else:
+        model = _CAMERA_MODELS.get(str(name).upper())
+        if model is None:
+            raise DatasetError(f"{where}: camera_model {name!r} is not a projection p2n can turn into pinhole "
+                               f"rays; it reads {', '.join(sorted(_CAMERA_MODELS))}. Convert the capture to "
+                               f"perspective images first (e.g. crop equirectangular panoramas into views)")
+    k = tuple(coeff(key) for key in _RADIAL_KEYS)
+    p = tuple(coeff(key) for key in _TANGENTIAL_KEYS)
+    if model == "fisheye" and any(p):
+        raise DatasetError(f"{where}: a fisheye lens has no tangential terms, but p1/p2 = {p}; check camera_model")
+    return Lens(model, k, p)  # type: ignore[arg-type]
 
 
 def _fit(w: int, h: int, max_size: int | None) -> tuple[int, int]:

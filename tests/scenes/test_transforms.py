@@ -87,8 +87,8 @@ def test_reads_nerfstudio_layout_with_overrides(tmp_path):
            "frames": [{"file_path": "images/frame_00000.jpg", "transform_matrix": c2w},
                       {"file_path": "images/frame_00001.jpg", "transform_matrix": c2w, "fl_x": 12.0}]}
     (tmp_path / "transforms.json").write_text(json.dumps(doc))
-    with pytest.warns(UserWarning, match=r"lens distortion \['k1'\] is ignored"):
-        views, _ = read_transforms(tmp_path)
+    views, info = read_transforms(tmp_path)  # k1: resampled to a pinhole image (a flat one stays flat)
+    assert info["undistorted"] == ["perspective"] and views.images[..., :3].sub(200 / 255).abs().max() < 1e-5
     assert views.cameras.fx.tolist() == [9.0, 12.0] and views.cameras.fy.tolist() == [8.0, 8.0]
     assert views.cameras.cx.tolist() == [5.5, 5.5] and views.images[..., 3].eq(1).all()
     with pytest.raises(DatasetError, match="no transforms_test.json"):
@@ -174,6 +174,12 @@ def _break(root: Path, case: str) -> None:
         Image.fromarray(np.zeros((5, 4, 4), np.uint8), "RGBA").save(root / "train" / "r_1.png")
     elif case == "w mismatch":
         doc["w"] = 800
+    elif case == "equirectangular":
+        doc["camera_model"] = "EQUIRECTANGULAR"
+    elif case == "bad coefficient":
+        f0["k1"] = "large"
+    elif case == "fisheye with tangential":
+        doc.update(camera_model="OPENCV_FISHEYE", k1=0.1, p1=0.01)
     (root / "transforms.json").write_text(text if text is not None else json.dumps(doc))
 
 
@@ -192,6 +198,9 @@ def _break(root: Path, case: str) -> None:
     ("corrupt image", r"train/r_1.png is not a readable image .*replace it"),
     ("size mismatch", r"train/r_1.png is 4x5 but .*train/r_0.png is 4x4; all frames of one set must share a size"),
     ("w mismatch", r"the json says w=800 but the image is 4x4"),
+    ("equirectangular", r"frame 0: camera_model 'EQUIRECTANGULAR' is not a projection p2n can turn into pinhole"),
+    ("bad coefficient", r"frame 0: distortion coefficient k1='large' is not a number"),
+    ("fisheye with tangential", r"frame 0: a fisheye lens has no tangential terms"),
 ])
 def test_bad_input_raises_dataset_error(tmp_path, case, message):
     _break(tmp_path, case)
