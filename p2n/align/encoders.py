@@ -93,15 +93,12 @@ class PromptEncoder(abc.ABC):
         if self.context_length is not None and clean:
             for i, (text, count) in enumerate(zip(clean, self.count_tokens_many(clean))):
                 if count > self.context_length:
-                    _indexed(self._too_long, (text, count), i, n)
+                    where = f"prompts[{i}]: " if n > 1 else ""
+                    raise PromptTooLong(
+                        f"{where}prompt has {count} tokens > {self.context_length} (the {self.name} encoder's "
+                        f"context); shorten the prompt: {_short(text)}"
+                    )
         return clean
-
-    def _too_long(self, text_count: tuple[str, int]) -> str:
-        text, n = text_count
-        raise PromptTooLong(
-            f"prompt has {n} tokens > {self.context_length} (the {self.name} encoder's context); "
-            f"shorten the prompt: {_short(text)}"
-        )
 
     def encode_text(self, prompts: Sequence[str], validated: bool = False) -> Tensor:
         """[B, dim] float32 L2-normalised embeddings of `prompts` (validated first, unless the caller has just
