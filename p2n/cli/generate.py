@@ -67,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.prompts_file:
         try:
-            lines = Path(args.prompts_file).read_text().splitlines()
+            # utf-8-sig: editors on Windows start the file with a byte-order mark, which is not part of a prompt
+            lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise P2NError(f"--prompts-file {args.prompts_file}: {e}") from None
-        prompts = [ln for ln in lines if ln.strip()]
+        prompts = [ln.strip() for ln in lines if ln.strip()]
         if not prompts:
             raise P2NError(f"--prompts-file {args.prompts_file} has no prompts")
     else:

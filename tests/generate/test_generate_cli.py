@@ -158,7 +158,7 @@ def test_two_prompts_are_generated_in_one_batch(tmp_path, capsys, tiny_gen_ckpt,
 
 def test_prompts_file_skips_blank_lines(tmp_path, capsys, tiny_gen_ckpt, gen_args):
     f = tmp_path / "prompts.txt"
-    f.write_text("a yellow torus\n\n   \na wooden chair\n")
+    f.write_bytes("\ufeffa yellow torus\r\n\r\n   \r\n  a wooden chair \r\n".encode())  # BOM, CRLF, padding
     rec = succeeds(capsys, "generate", "--ckpt", tiny_gen_ckpt, "--prompts-file", f, "--out", tmp_path / "o",
                    "--no-mesh", "--no-video", *gen_args)
     assert [i["prompt"] for i in rec["items"]] == ["a yellow torus", "a wooden chair"]
