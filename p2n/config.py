@@ -113,6 +113,22 @@ class DatasetConfig:
 
 
 @dataclass
+class BatchConfig:
+    """Offline batch generation (``p2n generate-batch``, ``ray_jobs/generate_batch.py``): many prompts through a pool
+    of generator actors into parquet shards. ``--workers``, ``--gpus-per-worker``, ``--batch-size`` and ``--views``
+    override the first four."""
+
+    workers: int = 1  # generator actors, each holding the checkpoint once
+    gpus_per_worker: float = 0.0
+    batch_size: int = 32  # prompts per forward pass, and rows per shard (what a killed worker can lose)
+    views: int = 4  # rendered views per prompt, stored as one PNG row in the shard; 0: parameters only
+    view_size: int | None = None  # pixels; None: scene.image_size
+    cpus_per_worker: float | None = None  # None: 1, or less on a small machine (as dataset.cpus_per_worker)
+    torch_threads: int | None = None  # per actor; None: its whole CPUs
+    max_retries: int = 3  # restarts of a dead actor and retries of its batch
+
+
+@dataclass
 class VAEConfig:
     """Stage 1: the VAE over flattened NeRF parameter vectors (``p2n/latent``) and its training hyper-parameters.
 
@@ -326,6 +342,7 @@ class P2NConfig:
     render: RenderConfig = dc_field(default_factory=RenderConfig)
     fit: FitConfig = dc_field(default_factory=FitConfig)
     dataset: DatasetConfig = dc_field(default_factory=DatasetConfig)
+    batch: BatchConfig = dc_field(default_factory=BatchConfig)
     vae: VAEConfig = dc_field(default_factory=VAEConfig)
     align: AlignConfig = dc_field(default_factory=AlignConfig)
     train: TrainConfig = dc_field(default_factory=TrainConfig)

@@ -42,3 +42,27 @@ def pyarrow_filesystem(fs: Any):
     import pyarrow.fs
 
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def cpus_per_worker(explicit: float | None, workers: int) -> float:
+    """CPUs to reserve per actor: ``explicit`` when set, else 1, less when that would take every CPU of the
+    cluster (a pool that holds all CPUs starves Ray Data's other tasks and hangs: NOTES-RAY.md)."""
+    if explicit:
+        return float(explicit)
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return round(max(0.05, min(1.0, (total - 0.25) / workers)), 3)
+
+
+def die_once(spec: str | None, keys: list[str]) -> None:
+    """Fault injection for tests: ``spec = "<key>@<marker path>"`` (from an environment variable of the driver,
+    e.g. ``P2N_BUILD_KILL_ONCE``) kills the worker process the first time it is handed that key (the marker file
+    records that it happened), as a lost node would."""
+    if not spec or "@" not in spec:
+        return
+    key, marker = spec.rsplit("@", 1)
+    if key in keys and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(1)

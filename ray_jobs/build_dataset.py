@@ -24,7 +24,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable (see _common.ensure_repo_on_path)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ray_jobs._common import ensure_repo_on_path, init_ray  # noqa: E402
+from ray_jobs._common import cpus_per_worker, die_once, ensure_repo_on_path, init_ray  # noqa: E402
 from ray_jobs.cpu_slots import claim_cpus, pin_threads  # noqa: E402
 
 ensure_repo_on_path()
@@ -70,7 +70,7 @@ class FitActor:
         n = len(batch["object_id"])
         sources = [ObjectSource(str(batch["object_id"][i]), str(batch["kind"][i]), str(batch["uri"][i]))
                    for i in range(n)]
-        _maybe_die(self.kill_once, [s.object_id for s in sources])
+        die_once(self.kill_once, [s.object_id for s in sources])
         rows = [self.fitter.fit(s) for s in sources]
         shard = write_shard(rows, self.out_uri, self.storage_options)
         finished, cpu = time.time(), time.process_time() - cpu0
@@ -87,30 +87,6 @@ class FitActor:
             "finished": [finished] * n,
             "cpu_seconds": [cpu / n] * n,  # this process's CPU time: < wall-clock when cores are shared
         }
-
-
-def _maybe_die(spec: str | None, object_ids: list[str]) -> None:
-    """Fault injection for tests: ``P2N_BUILD_KILL_ONCE=<object id>@<marker path>`` in the driver's environment
-    kills the worker process the first time it is handed that object (the marker file records that it happened),
-    as a lost node would."""
-    if not spec or "@" not in spec:
-        return
-    oid, marker = spec.rsplit("@", 1)
-    if oid in object_ids and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        os._exit(1)
-
-
-def _cpus_per_worker(cfg: P2NConfig, workers: int) -> float:
-    """Explicit ``dataset.cpus_per_worker``, else 1 CPU an actor, less when that would take every CPU of the
-    cluster (a pool that holds all CPUs starves Ray Data's other tasks and hangs: NOTES-RAY.md)."""
-    if cfg.dataset.cpus_per_worker:
-        return float(cfg.dataset.cpus_per_worker)
-    import ray
-
-    total = float(ray.cluster_resources().get("CPU", 1.0))
-    return round(max(0.05, min(1.0, (total - 0.25) / workers)), 3)
 
 
 # Ray Data's scheduling loop blocks in ``ray.wait`` for at most this long (its default is 0.1 s) before it polls its
@@ -273,7 +249,7 @@ def _pipeline(pending: list[ObjectSource], cfg: P2NConfig, out_uri: str, opts: d
     ctx.enable_progress_bars = progress
     ctx.max_errored_blocks = 0  # a batch that still fails after its retries fails the run (rows are never lost)
     workers = min(ds_cfg.workers, len(pending))
-    cpus = _cpus_per_worker(cfg, workers)
+    cpus = cpus_per_worker(ds_cfg.cpus_per_worker, workers)
     threads = cfg.dataset.torch_threads or max(1, math.floor(cpus))
     per_shard = ds_cfg.objects_per_shard
     items = [s.to_dict() for s in pending]

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Sub-command modules in the order ``p2n --help`` lists them.
-COMMANDS = ["fit", "dataset", "train", "generate", "interpolate", "eval", "refine", "serve", "demo"]
+COMMANDS = ["fit", "dataset", "train", "generate", "generate_batch", "interpolate", "eval", "refine", "serve", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

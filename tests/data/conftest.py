@@ -1,5 +1,5 @@
-"""Fixtures for the dataset tests: a tiny fitting config, a catalogue of transforms.json folders (one of them
-corrupt), a moto S3 server on 127.0.0.1 with the AWS environment pointed at it, and one Ray per module."""
+"""Fixtures for the dataset tests: a tiny fitting config and a catalogue of transforms.json folders (one of them
+corrupt). The moto S3 server and the per-module Ray come from ``tests/conftest.py``."""
 
 from __future__ import annotations
 
@@ -52,34 +52,6 @@ def catalogue_dir(tmp_path_factory, tiny_cfg) -> Path:
     return make_catalogue(tmp_path_factory.mktemp("catalogue"), tiny_cfg, ids, corrupt="obj2")
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server on 127.0.0.1 (random port) and the AWS_* environment pointed at it, for this module.
-
-    Set before Ray starts (``ray_session`` depends on this where both are used) so Ray's workers inherit it.
-    Yields the endpoint URL."""
-    pytest.importorskip("moto.server")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(k, raising=False)
-        for k, v in env.items():
-            mp.setenv(k, v)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="p2n-test")
-        try:
-            yield endpoint
-        finally:
-            server.stop()
-
-
 def upload(local: Path, uri: str) -> None:
     from p2n.data import storage
 
@@ -103,16 +75,3 @@ def rendered_psnr(row, cfg: P2NConfig) -> float:
 def helpers():
     """Plain helper functions shared by the test modules (test modules here are not a package)."""
     return SimpleNamespace(upload=upload, rendered_psnr=rendered_psnr, make_catalogue=make_catalogue)
-
-
-@pytest.fixture(scope="module")
-def ray_session(request):
-    """One local Ray (2 CPUs, no dashboard) for a test module; starts after the module's S3 env if it has one."""
-    ray = pytest.importorskip("ray")
-    if getattr(request.module, "NEEDS_S3", False):
-        request.getfixturevalue("s3_server")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()

@@ -1,5 +1,5 @@
 """ray_jobs/ as users run them: `ray job submit --working-dir . -- python ray_jobs/build_dataset.py` (and
-`ray_jobs/train_vae.py`)
+`ray_jobs/train_vae.py`, `ray_jobs/generate_batch.py`)
 against a local `ray start --head` cluster (127.0.0.1 only, free ports, its own temp dir).
 
 Teardown stops exactly the cluster this test started: `ray start --block` runs in its own process group, and the
@@ -170,3 +170,33 @@ def test_ray_job_submit_trains_the_vae(cluster, tmp_path, tiny_dataset, tiny_cfg
     params = row_params(row)[0].unsqueeze(0)
     recon = decode(vae, encode(vae, params))
     assert recon.shape == params.shape and torch.isfinite(recon).all()
+
+
+def test_ray_job_submit_generates_a_prompts_file(cluster, tmp_path):
+    """Batch generation as users run it on a cluster: `ray job submit ... -- python ray_jobs/generate_batch.py`;
+    every prompt gets a row whose parameters load back (the serve tests' tiny generator as the checkpoint)."""
+    import importlib.util
+
+    from p2n.generate_batch import read_generations
+    from p2n.nerf.params import params_from_bytes
+
+    spec = importlib.util.spec_from_file_location("tiny_generator_for_jobs", REPO / "tests/serve/tiny_generator.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    ckpt = tiny.build_tiny_generator(tmp_path / "ckpt")
+    (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\n\na green cone\n")
+    out = tmp_path / "gens"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", ".",
+           "--", "python", "ray_jobs/generate_batch.py", "--ckpt", str(ckpt), "--prompts", str(tmp_path / "prompts.txt"),
+           "--out", str(out), "--workers", "1", "--batch-size", "2", "--views", "1", "--no-progress",
+           *[a for s in tiny.SCENE for a in ("--set", s)]]
+    res = subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert "succeeded" in log.lower(), log[-4000:]
+    summary = next(json.loads(line) for line in log.splitlines() if line.startswith('{"out"'))
+    assert (summary["prompts"], summary["generated"], summary["failed"], summary["complete"]) == (3, 3, 0, True)
+    rows = read_generations(str(out))
+    assert [r["prompt"] for r in rows] == ["a red cube", "a blue ball", "a green cone"]
+    flats = [params_from_bytes(r["params"])[0] for r in rows]
+    assert all(f.isfinite().all() for f in flats) and not bool((flats[0] == flats[1]).all())
