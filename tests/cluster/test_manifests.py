@@ -64,9 +64,13 @@ JOB_FLAGS = {
         {"--data", "--vae", "--out"},
         {"--workers", "--gpus-per-worker", "--resume", "--config", "--storage-options"},
     ),
+    "ray_jobs/generate_batch.py": (
+        {"--ckpt", "--prompts", "--out"},
+        {"--workers", "--gpus-per-worker", "--batch-size", "--views", "--resume", "--config", "--storage-options"},
+    ),
 }
 BOOLEAN_FLAGS = {"--resume"}
-URI_FLAGS = {"--out", "--data", "--vae", "--catalogue"}
+URI_FLAGS = {"--out", "--data", "--vae", "--catalogue", "--ckpt", "--prompts"}
 SERVE_IMPORT_PATH = "serve.app:app"
 SERVE_DEPLOYMENTS = {"Generator", "Renderer", "Refiner"}
 
