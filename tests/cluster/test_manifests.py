@@ -340,9 +340,11 @@ def test_kuberay_manifest_set_is_complete():
         "rayjob-build-dataset.yaml",
         "rayjob-train-vae.yaml",
         "rayjob-train-align.yaml",
+        "rayjob-generate-batch.yaml",
         "rayservice.yaml",
     } <= names, names
-    assert sorted(d["kind"] for _, d in MANIFESTS) == ["RayCluster", "RayJob", "RayJob", "RayJob", "RayService"]
+    assert sorted(d["kind"] for _, d in MANIFESTS) == ["RayCluster", "RayJob", "RayJob", "RayJob", "RayJob",
+                                                        "RayService"]
 
 
 @pytest.mark.parametrize("where, doc", MANIFESTS, ids=[w for w, _ in MANIFESTS])
