@@ -3,7 +3,10 @@
 Groups: ``paraphrase`` (training objects prompted with held-out paraphrases never used in training),
 ``unseen_combo`` (held-out objects: colour x shape combinations never trained on), ``image`` (generation from one
 of the object's own views). Baselines in the same table: ``mean`` (the decoded mean latent) and ``nearest`` (the
-fitted NeRF of the training object whose caption embedding is nearest to the prompt). Metrics: PSNR, SSIM.
+fitted NeRF of the training object whose caption embedding is nearest to the prompt). Metrics: PSNR, SSIM; LPIPS
+when an LPIPS model is given (``p2n.perceptual``); CLIP score when a CLIP encoder is given: 100 x the cosine of
+each render's image embedding with the prompt's text embedding, floored at 0, averaged over views (an image
+prompt is scored against the object's first caption).
 
 Does not own: the dataset format (``p2n.data``) or the models (``p2n.generate``).
 """
@@ -58,18 +61,37 @@ class EvalReport:
                 if rs:
                     out[group][m] = {"psnr": round(statistics.mean(r["psnr"] for r in rs), 3),
                                      "ssim": round(statistics.mean(r["ssim"] for r in rs), 4), "n": len(rs)}
+                    for key in ("lpips", "clip_score"):
+                        if all(key in r for r in rs):
+                            out[group][m][key] = round(statistics.mean(r[key] for r in rs), 4)
         return out
 
 
-def _score(gen: Generator, params: Tensor, views) -> tuple[float, float, Tensor]:
+def _score(gen: Generator, params: Tensor, views, lpips=None, clip=None, text: str = "") -> tuple[dict, Tensor]:
     rgb = gen.render(params, views.cameras)
     gt = composite(views.images, gen.cfg.render.background)
-    return float(psnr(rgb, gt).mean()), float(ssim(rgb, gt).mean()), rgb
+    scores = {"psnr": float(psnr(rgb, gt).mean()), "ssim": float(ssim(rgb, gt).mean())}
+    with torch.no_grad():
+        if lpips is not None:
+            scores["lpips"] = float(lpips(rgb.clamp(0, 1), gt.clamp(0, 1)).mean())
+        if clip is not None and text:
+            scores["clip_score"] = clip_score(clip, rgb, text)
+    return scores, rgb
+
+
+def clip_score(clip, images: Tensor, text: str) -> float:
+    """100 x max(cos(image, text), 0) averaged over ``images`` [N, H, W, 3] (CLIPScore without its 2.5 weight)."""
+    img = clip.encode_image(images.clamp(0, 1))
+    txt = clip.encode_text([text])
+    return float((100 * (img @ txt[0]).clamp(min=0)).mean())
 
 
 def evaluate_generator(gen: Generator, dataset, split: str | None = None, max_objects: int | None = None,
-                       max_examples: int = 8) -> EvalReport:
-    """Score generation and baselines on ``dataset`` (a ``p2n.data.DatasetReader``)."""
+                       max_examples: int = 8, lpips=None, clip=None) -> EvalReport:
+    """Score generation and baselines on ``dataset`` (a ``p2n.data.DatasetReader``). ``lpips``: a
+    :class:`p2n.perceptual.LPIPS`; ``clip``: a prompt encoder that takes text and images (a CLIP)."""
+    if clip is not None and not clip.supports_images:
+        raise EvalError(f"the CLIP score needs an encoder of text and images; {clip.name} takes text only")
     from p2n.data import row_params, row_views
 
     check_same_field(gen, dataset)
@@ -109,12 +131,13 @@ def evaluate_generator(gen: Generator, dataset, split: str | None = None, max_ob
                 e = gen.text_encoder.encode_text([prompt])
                 j = int((cap_emb @ e[0]).argmax())
                 nearest, _ = row_params(train_rows[captions[j][1]], gen.cfg.field)
+        text = prompt or (list(row["captions"]) or [""])[0]
         for method, p in (("generated", p_gen), ("mean", mean_params), ("nearest", nearest)):
             if p is None:
                 continue
-            ps, ss, rgb = _score(gen, p, views)
+            scores, rgb = _score(gen, p, views, lpips, clip, text)
             report.rows.append({"group": group, "method": method, "object_id": row["object_id"],
-                                "prompt": prompt or "(image)", "psnr": ps, "ssim": ss})
+                                "prompt": prompt or "(image)", **scores})
             if method == "generated" and len(report.examples) < max_examples:
                 gt = composite(views.images[0], gen.cfg.render.background)
                 report.examples.append((prompt or f"image of {row['object_id']}", gt, rgb[0]))

@@ -409,6 +409,44 @@ def test_eval_writes_report_json_md_and_png(tmp_path, capsys, trained_gen_ckpt, 
     assert h == 8 * (64 + 2) + 2 and w > 2 * (64 + 2), (w, h)
 
 
+def test_eval_adds_lpips_and_clip_score_when_given_weights(tmp_path, capsys, trained_gen_ckpt, tiny_dataset):
+    """--lpips-weights (a file in the reference package's layout; random AlexNet here) and --clip (tiny-clip: random
+    weights, so the values mean nothing, but every row must carry them, computed as documented)."""
+    from p2n.data import open_dataset, row_views
+    from p2n.evaluate import clip_score
+    from p2n.align import build_encoder
+    from p2n.nerf.render import composite
+    from p2n.perceptual import _CONVS, LPIPS, load_lpips
+
+    torch.manual_seed(5)
+    model = LPIPS()
+    for p in model.lins.parameters():
+        p.data.uniform_(0, 0.1)  # the reference's lin weights are non-negative
+    state = {}
+    for k, (name, *_) in enumerate(_CONVS):
+        state[f"{name}.weight"], state[f"{name}.bias"] = model.convs[k].weight, model.convs[k].bias
+        state[f"lin{k}.model.1.weight"] = model.lins[k].weight
+    torch.save(state, tmp_path / "lpips_alex.pth")
+    out = tmp_path / "ev"
+    rec = succeeds(capsys, "eval", "--ckpt", trained_gen_ckpt, "--data", tiny_dataset, "--max-objects", 1,
+                   "--split", "train", "--out", out, "--lpips-weights", tmp_path / "lpips_alex.pth",
+                   "--clip", "tiny-clip", *sets(TINY_OVERRIDES), "--threads", "1")
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert rows and all(r["lpips"] >= 0 and 0 <= r["clip_score"] <= 100 for r in rows)
+    assert all("lpips" in v and "clip_score" in v for ms in rec["summary"].values() for v in ms.values())
+    # the "mean" row of the paraphrase group, recomputed with the public pieces
+    gen = Generator.load(str(trained_gen_ckpt), P2NConfig().override(TINY_OVERRIDES))
+    row = next(r for r in rows if r["group"] == "paraphrase" and r["method"] == "mean")
+    views = row_views(next(r for r in open_dataset(str(tiny_dataset)).rows() if r["object_id"] == row["object_id"]))
+    rgb = gen.render(gen.mean_params(), views.cameras)
+    gt = composite(views.images, gen.cfg.render.background)
+    with torch.no_grad():
+        assert abs(float(load_lpips(tmp_path / "lpips_alex.pth")(rgb, gt).mean()) - row["lpips"]) < 1e-4
+        assert abs(clip_score(build_encoder("tiny-clip"), rgb, row["prompt"]) - row["clip_score"]) < 1e-3
+    md = (out / "report.md").read_text()
+    assert "| LPIPS | CLIP score |" in md and "Not computed" not in md
+
+
 # ---- help ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command, flags", [
     ("generate", ["--ckpt", "--prompt", "--prompts-file", "--image", "--out", "--no-mesh", "--frames"]),
