@@ -1,4 +1,5 @@
-"""LPIPS (Zhang et al. 2018; AlexNet trunk, v0.1) in plain PyTorch, from one local weights file.
+"""LPIPS (Zhang et al. 2018; AlexNet trunk, v0.1) in plain PyTorch, from one local weights file. The reference is
+github.com/richzhang/PerceptualSimilarity (the ``lpips`` package, BSD-2-Clause); tests compare the two.
 
 The learned part of LPIPS is small (five 1x1 "lin" layers), but it sits on ImageNet-trained AlexNet features,
 which nothing here can download. So p2n takes the two together as one file: the ``state_dict()`` of the reference
