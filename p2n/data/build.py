@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import tempfile
 import time
 import traceback
@@ -29,12 +30,15 @@ from p2n.data.schema import SPLITS, STATUS_FAILED, STATUS_OK, cameras_to_json, c
 from p2n.nerf.field import init_params, param_layout
 from p2n.nerf.fit import fit
 from p2n.nerf.params import params_to_bytes
+from p2n.scenes.colmap import MODEL_DIRS
 
 log = logging.getLogger(__name__)
 
 KIND_PROCEDURAL = "procedural"
 KIND_FOLDER = "folder"
-TRANSFORMS_NAMES = ("transforms_train.json", "transforms.json")  # what makes a folder one object
+TRANSFORMS_NAMES = ("transforms_train.json", "transforms.json")  # what makes a folder one object ...
+# ... or a COLMAP model (p2n.scenes.colmap): its cameras file in one of the places that module looks
+COLMAP_MARKERS = tuple(posixpath.normpath(f"{d}/cameras.{ext}") for d in MODEL_DIRS for ext in ("bin", "txt"))
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ def procedural_sources(cfg: P2NConfig, num_objects: int) -> list[ObjectSource]:
 
 def catalogue_sources(uri: str, storage_options: dict[str, Any] | None = None) -> list[ObjectSource]:
     """One source per sub-folder of the catalogue at ``uri``; each must hold transforms.json or
-    transforms_train.json (+ its images). The object id is the json's ``p2n.object_id``, else the folder name."""
+    transforms_train.json (+ its images), or a COLMAP model beside ``images/``. The object id is the json's
+    ``p2n.object_id`` (``p2n.json`` for a COLMAP folder), else the folder name."""
     fs, root = storage.url_to_fs(uri, storage_options)
     if not storage.exists(fs, root) or not fs.isdir(root):
         raise DataError(f"catalogue {uri} does not exist or is not a folder; pass a folder whose sub-folders each "
@@ -95,9 +100,12 @@ def catalogue_sources(uri: str, storage_options: dict[str, Any] | None = None) -
     jsons = {}
     for name, contents in sorted(by_folder.items()):
         found = [t for t in TRANSFORMS_NAMES if t in contents]
+        if not found and any(m in contents for m in COLMAP_MARKERS):
+            found = ["p2n.json"]  # a COLMAP folder: its optional p2n.json names the object
         if not found:
-            raise DataError(f"catalogue folder {uri.rstrip('/')}/{name} has no {' or '.join(TRANSFORMS_NAMES)}; "
-                            f"every sub-folder of a catalogue must hold one object (remove it or add its transforms)")
+            raise DataError(f"catalogue folder {uri.rstrip('/')}/{name} has no {' or '.join(TRANSFORMS_NAMES)} "
+                            f"and no COLMAP model (sparse/0/cameras.bin); every sub-folder of a catalogue must "
+                            f"hold one object (remove it or add its transforms)")
         jsons[name] = storage.join(root, name, found[0])
     raw = fs.cat(list(jsons.values()), on_error="return")
     sources = []
@@ -106,7 +114,8 @@ def catalogue_sources(uri: str, storage_options: dict[str, Any] | None = None) -
         data = raw.get(path) if isinstance(raw, dict) else None
         if isinstance(data, bytes):
             try:
-                block = json.loads(data).get("p2n") or {}
+                doc = json.loads(data)
+                block = (doc if jsons[name].endswith("/p2n.json") else doc.get("p2n")) or {}
                 oid = str(block.get("object_id") or name) if isinstance(block, dict) else name
             except (ValueError, AttributeError):
                 pass  # unreadable json: the object fails when it is fitted, with the reader's message

@@ -8,7 +8,8 @@ OpenGL convention, the same as :mod:`p2n.cameras`) and pinhole intrinsics either
 block carries captions and the object id. Lens distortion (``camera_model`` OPENCV / OPENCV_FISHEYE with ``k1..k4,
 p1, p2``, or instant-ngp's coefficients with ``is_fisheye``) is removed by resampling each image to the pinhole
 camera of the same intrinsics (``undistort.py``); a projection no pinhole image can hold (EQUIRECTANGULAR, ...)
-is refused. Other keys (``aabb_scale``, ``applied_transform``, ...) are ignored.
+is refused. Other keys (``aabb_scale``, ``applied_transform``, ...) are ignored. A folder with a COLMAP model and
+no json reads the same way (``colmap.py`` turns the model into this document).
 
 Every problem with the input raises :class:`DatasetError` saying what is wrong, where, and how to fix it.
 
@@ -65,8 +66,7 @@ def read_transforms(path: str | Path, split: str = "train",
     ``captions`` from the optional ``p2n`` block (None and () when absent), the raw ``p2n`` block, and
     ``undistorted`` (the lens models whose distortion was resampled away; empty for pinhole captures).
     """
-    json_path = _find_json(Path(path), split)
-    doc = _load_json(json_path)
+    json_path, root, doc = _find_document(Path(path), split)
     frames = doc.get("frames")
     if not isinstance(frames, list) or not frames:
         raise DatasetError(f"{json_path} has {'an empty' if isinstance(frames, list) else 'no'} 'frames' list; "
@@ -75,7 +75,6 @@ def read_transforms(path: str | Path, split: str = "train",
     if not isinstance(p2n_block, dict):
         raise DatasetError(f"{json_path}: 'p2n' must be an object like {{\"captions\": [...]}}, got {p2n_block!r}")
 
-    root = json_path.parent
     images, c2ws, intrinsics, paths = [], [], [], []
     lenses: set[str] = set()
     first: tuple[Path, int, int] | None = None
@@ -136,6 +135,24 @@ def read_image(path: Path) -> Tensor:
     return torch.from_numpy(np.clip(rgba, 0.0, 1.0))
 
 
+def _find_document(path: Path, split: str) -> tuple[Path, Path, dict]:
+    """(where the poses come from, the folder image paths are relative to, the transforms document): a transforms
+    json, or for ``split="train"`` a folder's COLMAP model (``colmap.py``) when it has no json."""
+    from p2n.scenes import colmap
+
+    try:
+        json_path = _find_json(path, split)
+    except DatasetError:
+        model = colmap.find_model(path) if path.is_dir() and split == "train" else None
+        if model is None:
+            raise
+        try:
+            return model, path, colmap.to_transforms(path, model)
+        except (colmap.ColmapError, OSError) as e:
+            raise DatasetError(str(e)) from None
+    return json_path, json_path.parent, _load_json(json_path)
+
+
 def _find_json(path: Path, split: str) -> Path:
     if path.is_file():
         return path
@@ -147,7 +164,9 @@ def _find_json(path: Path, split: str) -> Path:
         if (path / name).is_file():
             return path / name
     raise DatasetError(f"no {' or '.join(names)} in {path}; pass the folder that holds it, or the json file "
-                       f"itself" + ("" if split == "train" else " (a single transforms.json is read as split='train')"))
+                       f"itself" + ("" if split == "train" else " (a single transforms.json is read as split='train')")
+                       + (" or a COLMAP model (sparse/0/cameras.bin, images.bin) beside images/" if split == "train"
+                          else ""))
 
 
 def _load_json(path: Path) -> dict:
