@@ -21,7 +21,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                      help="fit the first N objects of the procedural catalogue (default: dataset.num_objects)")
     src.add_argument("--catalogue", metavar="URI",
                      help="fit every object of a catalogue: a folder (local or s3://) whose sub-folders each hold "
-                          "one object's transforms.json (or transforms_train/test.json) and images")
+                          "one object's transforms.json (or transforms_train/test.json) and images, or a COLMAP "
+                          "model (sparse/0/) beside images/")
     p.add_argument("--workers", type=int, metavar="W", help="fitting actors (default: dataset.workers)")
     p.add_argument("--gpus-per-worker", type=float, metavar="G",
                    help="GPUs reserved per fitting actor (default: dataset.gpus_per_worker, 0)")

@@ -10,13 +10,14 @@ from p2n.cli.common import add_config_args, config_from_args, print_json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("fit", help="fit one NeRF (procedural scene or transforms.json folder)",
+    p = sub.add_parser("fit", help="fit one NeRF (procedural scene, transforms.json or COLMAP folder)",
                        description="Fit one object's NeRF from the shared initialization. Writes params.safetensors, "
                                    "views.png (ground truth vs render), turntable.gif and metrics.json to --out, and "
                                    "prints one JSON line (psnr_test, seconds, steps, num_params).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scene", help='a caption ("a red cube", "a blue ball on a green box") or a procedural id')
-    src.add_argument("--data", help="a folder with transforms.json (or transforms_train/test.json) and RGBA images")
+    src.add_argument("--data", help="a folder with transforms.json (or transforms_train/test.json) and its images, "
+                                    "or with a COLMAP model (sparse/0/) beside images/")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, help="maximum optimisation steps (default: fit.steps)")
     p.add_argument("--no-normalize", action="store_true", help="use a capture's camera poses as they are")

@@ -24,7 +24,8 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="a text prompt (sds, clip; generated init)")
     src.add_argument("--image", help="a reference image, PNG or JPEG (zero123, clip; generated init)")
-    src.add_argument("--data", help="a transforms.json folder of posed views (multiview; PSNR on its test views)")
+    src.add_argument("--data", help="a transforms.json or COLMAP folder of posed views (multiview; PSNR on its "
+                                    "test views)")
     src.add_argument("--scene", help='a procedural caption ("a red cube") or object id; ground truth included')
     p.add_argument("--ckpt", help="trained generator checkpoint URI (needed by --init generated/mean); its field "
                                   "layout is used")
