@@ -66,3 +66,23 @@ def die_once(spec: str | None, keys: list[str]) -> None:
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         os._exit(1)
+
+
+def job_main(prog: str, doc: str, add_arguments, to_kwargs, run, argv: list[str] | None = None) -> int:
+    """A job script's ``main``: parse its flags (the same as its ``p2n`` command's), run it, print the JSON line;
+    a ``P2NError`` becomes one ``prog: error: ...`` line and exit code 2."""
+    import argparse
+
+    from p2n.cli.common import print_json
+    from p2n.errors import P2NError
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        print_json(run(**to_kwargs(args)))
+    except P2NError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

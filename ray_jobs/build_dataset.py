@@ -24,7 +24,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable (see _common.ensure_repo_on_path)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ray_jobs._common import cpus_per_worker, die_once, ensure_repo_on_path, init_ray  # noqa: E402
+from ray_jobs._common import cpus_per_worker, die_once, ensure_repo_on_path, init_ray, job_main  # noqa: E402
 from ray_jobs.cpu_slots import claim_cpus, pin_threads  # noqa: E402
 
 ensure_repo_on_path()
@@ -273,22 +273,9 @@ def _pipeline(pending: list[ObjectSource], cfg: P2NConfig, out_uri: str, opts: d
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from p2n.cli.common import print_json
     from p2n.cli.dataset import add_build_arguments, build_kwargs
-    from p2n.errors import P2NError
 
-    parser = argparse.ArgumentParser(prog="build_dataset.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_build_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        print_json(build(**build_kwargs(args)))
-    except P2NError as e:
-        print(f"build_dataset.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main("build_dataset.py", __doc__, add_build_arguments, build_kwargs, build, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo importable (see _common.ensure_repo_on_path)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ray_jobs._common import cpus_per_worker, die_once, ensure_repo_on_path, init_ray  # noqa: E402
+from ray_jobs._common import cpus_per_worker, die_once, ensure_repo_on_path, init_ray, job_main  # noqa: E402
 
 ensure_repo_on_path()
 
@@ -163,22 +163,9 @@ def _progress(msg: str, enabled: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from p2n.cli.common import print_json
     from p2n.cli.generate_batch import add_arguments, job_kwargs
-    from p2n.errors import P2NError
 
-    parser = argparse.ArgumentParser(prog="generate_batch.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        print_json(generate_batch(**job_kwargs(args)))
-    except P2NError as e:
-        print(f"generate_batch.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main("generate_batch.py", __doc__, add_arguments, job_kwargs, generate_batch, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import argparse
 import importlib
 from typing import Any
 
-from p2n.cli.common import add_config_args, config_from_args, print_json
+from p2n.cli.common import add_config_args, add_ray_job_args, config_from_args, print_json
 from p2n.errors import P2NError
 
 
@@ -28,13 +28,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPUs reserved per fitting actor (default: dataset.gpus_per_worker, 0)")
     p.add_argument("--resume", action="store_true",
                    help="continue the dataset already at --out: fit only objects it has no row for")
-    p.add_argument("--storage-options", metavar="JSON",
-                   help="fsspec options for --out/--catalogue as JSON, e.g. "
-                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}' (S3 credentials, region "
-                        "and endpoint otherwise come from the AWS_* environment variables)")
-    p.add_argument("--address", metavar="ADDR",
-                   help="Ray cluster to use (default: RAY_ADDRESS, else start a local Ray on this machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-object lines")
+    add_ray_job_args(p, "--out/--catalogue", "per-object lines")
     add_config_args(p)
 
 

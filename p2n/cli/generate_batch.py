@@ -7,7 +7,7 @@ import argparse
 import importlib
 from typing import Any
 
-from p2n.cli.common import add_config_args, config_from_args, print_json
+from p2n.cli.common import add_config_args, add_ray_job_args, config_from_args, print_json
 from p2n.errors import P2NError
 
 
@@ -25,12 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, metavar="V", help="rendered views per prompt in its PNG; 0: none "
                                                           "(default: batch.views)")
     p.add_argument("--resume", action="store_true", help="continue the output at --out: only prompts without a row")
-    p.add_argument("--storage-options", metavar="JSON",
-                   help="fsspec options for --ckpt/--prompts/--out as JSON (S3 credentials, region and endpoint "
-                        "otherwise come from the AWS_* environment variables)")
-    p.add_argument("--address", metavar="ADDR",
-                   help="Ray cluster to use (default: RAY_ADDRESS, else start a local Ray on this machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-prompt lines")
+    add_ray_job_args(p, "--ckpt/--prompts/--out", "per-prompt lines")
     add_config_args(p)
 
 

@@ -10,7 +10,7 @@ import argparse
 import importlib
 from typing import Any
 
-from p2n.cli.common import add_config_args, config_from_args, print_json
+from p2n.cli.common import add_config_args, add_ray_job_args, config_from_args, print_json
 from p2n.errors import P2NError
 
 _OUT_FILES = {"vae": "vae.safetensors", "align": "align.safetensors + a copy of vae.safetensors"}
@@ -31,11 +31,7 @@ def add_train_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run under --out from its latest checkpoint (without it, an earlier run "
                         "there is deleted and training starts over)")
-    p.add_argument("--storage-options", metavar="JSON",
-                   help="fsspec options for --data/--out/--vae as JSON, e.g. "
-                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'")
-    p.add_argument("--address", metavar="ADDR",
-                   help="Ray cluster to use (default: RAY_ADDRESS, else start a local Ray on this machine)")
+    add_ray_job_args(p, "--data/--out/--vae")
     add_config_args(p)
 
 
