@@ -121,13 +121,14 @@ def stage_generate(out: Path, cfg, summary: dict) -> None:
 
 
 def stage_eval(out: Path, cfg, summary: dict) -> None:
-    from p2n.cli.eval import run as eval_run
+    from p2n.cli import build_parser
 
     ckpt = summary.get("train", {}).get("ckpt") or str(out.parent / "train" / "align")
     data = summary.get("dataset", {}).get("uri") or str(out.parent / "dataset")
-    ns = argparse.Namespace(ckpt=ckpt, data=data, split=None, max_objects=8, out=str(out), storage_options=None,
-                            device="auto", config=None, overrides=list(DEMO_OVERRIDES), threads=None)
-    eval_run(ns)
+    # Through `p2n eval`'s own parser, so every flag it has gets its default here too.
+    ns = build_parser().parse_args(["eval", "--ckpt", ckpt, "--data", data, "--max-objects", "8", "--out", str(out),
+                                    *[a for o in DEMO_OVERRIDES for a in ("--set", o)]])
+    ns.func(ns)
     summary["eval"] = json.loads((out / "report.json").read_text())["summary"]
 
 
