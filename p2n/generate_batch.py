@@ -53,6 +53,8 @@ def read_prompts(uri: str, storage_options: dict[str, Any] | None = None) -> lis
         raise BatchError(f"prompts file {uri} not found") from None
     except IsADirectoryError:
         raise BatchError(f"prompts file {uri} is a folder; pass a text file with one prompt per line") from None
+    except OSError as e:  # no permission, a broken link, a storage error
+        raise BatchError(f"prompts file {uri}: {e.strerror or e}") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -70,21 +72,8 @@ def shard_name(indices: Sequence[int]) -> str:
 
 def existing_rows(out_uri: str, storage_options: dict[str, Any] | None = None) -> dict[int, str]:
     """``index -> status`` of every row already written under ``out_uri`` (empty for a new output)."""
-    import pyarrow.parquet as pq
-
-    fs, root = storage.url_to_fs(out_uri, storage_options)
-    shards_dir = storage.join(root, SHARDS_DIR)
-    if not storage.exists(fs, shards_dir):
-        return {}
-    done: dict[int, str] = {}
-    for entry in storage.listdir(fs, shards_dir):
-        name = entry["name"]
-        if not name.endswith(".parquet"):
-            continue  # a temporary file of an interrupted atomic write
-        with fs.open(name, "rb") as f:
-            table = pq.read_table(f, columns=["index", "status"])
-        done.update(zip(table.column("index").to_pylist(), table.column("status").to_pylist()))
-    return done
+    rows = _read_shards(out_uri, storage_options, ["index", "status"])
+    return {} if rows is None else {r["index"]: r["status"] for r in rows}
 
 
 def prepare_output(out_uri: str, resume: bool, storage_options: dict[str, Any] | None = None) -> dict[int, str]:
@@ -119,18 +108,27 @@ def write_manifest(out_uri: str, storage_options: dict[str, Any] | None, *, ckpt
 def read_generations(out_uri: str, storage_options: dict[str, Any] | None = None,
                      columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every row under ``out_uri`` in prompt order (``params`` as safetensors bytes: ``params_from_bytes``)."""
+    rows = _read_shards(out_uri, storage_options, list(columns) if columns else None)
+    if rows is None:
+        raise BatchError(f"{out_uri} has no {SHARDS_DIR}/ folder: not the output of a batch generation run")
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def _read_shards(out_uri: str, storage_options: dict[str, Any] | None,
+                 columns: list[str] | None) -> list[dict[str, Any]] | None:
+    """The rows of every shard under ``out_uri`` (``columns`` only), or None when it has no shards folder."""
     import pyarrow.parquet as pq
 
     fs, root = storage.url_to_fs(out_uri, storage_options)
-    rows: list[dict[str, Any]] = []
     shards_dir = storage.join(root, SHARDS_DIR)
     if not storage.exists(fs, shards_dir):
-        raise BatchError(f"{out_uri} has no {SHARDS_DIR}/ folder: not the output of a batch generation run")
+        return None
+    rows: list[dict[str, Any]] = []
     for entry in storage.listdir(fs, shards_dir):
-        if entry["name"].endswith(".parquet"):
+        if entry["name"].endswith(".parquet"):  # not the temporary file of an interrupted atomic write
             with fs.open(entry["name"], "rb") as f:
-                rows += pq.read_table(f, columns=list(columns) if columns else None).to_pylist()
-    return sorted(rows, key=lambda r: r["index"])
+                rows += pq.read_table(f, columns=columns).to_pylist()
+    return rows
 
 
 class BatchGenerator:

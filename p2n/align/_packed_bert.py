@@ -5,7 +5,7 @@ caption is 5-11 tokens, a user's sentence can be 60), so a padded batch spends m
 and sorting into length buckets trades that for one fixed-cost pass per bucket. Here the batch's tokens are
 concatenated into one ``[T, D]`` sequence ("packed", as varlen attention kernels do): every linear layer runs once
 on exactly the real tokens, and attention stays within each prompt through a block-diagonal mask. On the 2-core
-CPU, 32 catalogue captions (167 tokens): 31.5 -> 17 ms; one prompt: 5.7 -> 3.4 ms. The embeddings are those of
+CPU, 32 catalogue captions (167 tokens): 31.5 -> ~20 ms; one prompt: 5.7 -> 3.4 ms. The embeddings are those of
 the sentence-transformers pipeline (Transformer -> mean Pooling -> Normalize) to float rounding (~2e-7); a test
 holds the two together.
 
@@ -105,7 +105,7 @@ def packed_bert(st_model: Any) -> PackedBert | None:
             and not cfg.is_decoder
             and not getattr(transformer, "do_lower_case", False)  # the tokenizer itself lowercases for MiniLM
             and mode == "mean"
-            and all(type(m).__name__ in ("Normalize",) for m in modules[2:])
+            and all(type(m).__name__ == "Normalize" for m in modules[2:])
         )
         if not supported:
             return None

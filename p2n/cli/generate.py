@@ -66,14 +66,9 @@ def run(args: argparse.Namespace) -> int:
         raise P2NError(f"--size {args.size}: the render size must be a positive number of pixels")
     cfg = config_from_args(args)
     if args.prompts_file:
-        try:
-            # utf-8-sig: editors on Windows start the file with a byte-order mark, which is not part of a prompt
-            lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise P2NError(f"--prompts-file {args.prompts_file}: {e}") from None
-        prompts = [ln.strip() for ln in lines if ln.strip()]
-        if not prompts:
-            raise P2NError(f"--prompts-file {args.prompts_file} has no prompts")
+        from p2n.generate_batch import read_prompts
+
+        prompts = read_prompts(args.prompts_file)  # one prompts-file format for generate and generate-batch
     else:
         prompts = args.prompt
     images = None
